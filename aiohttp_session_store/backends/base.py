@@ -1,0 +1,155 @@
+"""The abstract storage interface every backend implements, in the package's own types."""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+from ..models import (
+    Exchange,
+    RequestQuery,
+    RequestRecord,
+    ResponseFact,
+    Session,
+    SessionQuery,
+    WriteBatch,
+)
+
+__all__ = ("Backend",)
+
+
+class Backend(abc.ABC):
+    """Where sessions and records live.
+
+    Backends speak in `Session`/`RequestRecord`/`ResponseRecord` values, never rows or
+    cursors, and never apply business rules (expiry is decided by the caller, who passes
+    `now`). Every method is safe to call concurrently from one event loop.
+    """
+
+    #: True when several processes may write the same store at once (PostgreSQL). The
+    #: SessionManager then reads sessions from the database on every call instead of
+    #: serving them from its write-behind cache, so instance B sees instance A's turn.
+    shared: ClassVar[bool] = False
+
+    #: A short name for messages and metrics ("sqlite", "postgresql").
+    name: ClassVar[str] = "abstract"
+
+    @property
+    def read_only(self) -> bool:
+        return False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations (read-only: check the version only).
+
+        Raises `SchemaVersionError` for a database written by a newer version (leaving it
+        untouched) and `DatabaseNotFoundError` when a read-only open finds nothing.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The version recorded in `metadata` (0 for an empty database)."""
+
+    @abc.abstractmethod
+    async def pending_migrations(self) -> list[tuple[int, str]]:
+        """(version, name) of the registry's migrations not yet applied."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[tuple[int, str]]:
+        """Apply pending migrations in order, each with its bookkeeping in one transaction."""
+
+    # -- sessions ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str) -> Session | None:
+        """The row as stored, expired or not."""
+
+    @abc.abstractmethod
+    async def insert_session(self, session: Session) -> Session:
+        """Insert unless the id exists; return the stored row, `is_new` True iff inserted.
+
+        An existing row that has expired (by `session.created_at`) is replaced, since an
+        expired session is as good as gone.
+        """
+
+    @abc.abstractmethod
+    async def touch_session(
+        self, session_id: str, *, now: int, expires_at: int
+    ) -> Session | None:
+        """Slide the expiry of a row not expired at `now`; None if missing or expired."""
+
+    @abc.abstractmethod
+    async def advance_session(
+        self, session_id: str, parent_id: str | None, *, now: int, expires_at: int
+    ) -> Session | None:
+        """Set parent_id, bump last_accessed and `message_count + 1` atomically."""
+
+    @abc.abstractmethod
+    async def set_chat_id(self, session_id: str, chat_id: str | None, *, now: int) -> bool:
+        """Set chat_id (and last_accessed); False if the row is missing."""
+
+    @abc.abstractmethod
+    async def delete_session(self, session_id: str) -> bool:
+        """Delete one session row (never its records); True if a row went."""
+
+    @abc.abstractmethod
+    async def delete_expired_sessions(self, now: int, limit: int) -> list[str]:
+        """Delete at most `limit` sessions with `expires_at <= now`; return their ids."""
+
+    @abc.abstractmethod
+    async def clear_sessions(self) -> int:
+        """Delete every session row (never records); return how many."""
+
+    @abc.abstractmethod
+    async def count_sessions(self, *, active_at: int | None = None) -> int:
+        """All rows, or only those with `expires_at > active_at` when given."""
+
+    @abc.abstractmethod
+    async def list_sessions(self, query: SessionQuery) -> list[Session]:
+        """Sessions filtered and ordered by `query` (the order is one of a fixed set)."""
+
+    # -- records -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def write_batch(self, batch: WriteBatch) -> None:
+        """Commit a batch in one transaction; all or nothing.
+
+        Replaying a batch that was committed before is harmless (records are keyed by their
+        ids, session snapshots are upserts), so a batch whose commit outcome is unknown can
+        be retried.
+        """
+
+    @abc.abstractmethod
+    async def delete_records_before(self, cutoff: int, limit: int) -> int:
+        """Delete at most `limit` requests with `timestamp < cutoff`, and their responses.
+
+        Returns the number of request rows deleted.
+        """
+
+    # -- queries (CLI, query app) ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def list_exchanges(self, query: RequestQuery) -> list[Exchange]:
+        """Requests matching `query`, each with its response (None if there is none)."""
+
+    @abc.abstractmethod
+    async def get_exchange(self, request_id: str) -> Exchange | None:
+        """One request by its `request_id`, with its response."""
+
+    @abc.abstractmethod
+    async def count_requests(self, query: RequestQuery) -> int:
+        """How many requests match `query` (limit/offset ignored)."""
+
+    @abc.abstractmethod
+    async def response_facts(self, query: RequestQuery) -> list[ResponseFact]:
+        """Measurable fields of the responses whose request matches `query`."""
+
+    async def get_request(self, request_id: str) -> RequestRecord | None:
+        exchange = await self.get_exchange(request_id)
+        return exchange.request if exchange else None

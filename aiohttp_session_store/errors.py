@@ -1,0 +1,36 @@
+"""The package's exception types, so callers can catch the store's failures by type."""
+
+from __future__ import annotations
+
+__all__ = (
+    "BackendUnavailableError",
+    "DatabaseNotFoundError",
+    "InvalidSessionIdError",
+    "SchemaVersionError",
+    "StoreError",
+    "StoreWriteError",
+)
+
+
+class StoreError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidSessionIdError(StoreError, ValueError):
+    """A session id (derived or client-chosen) is empty, too long or has forbidden characters."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a newer version of this package, or needs migrating first."""
+
+
+class DatabaseNotFoundError(StoreError):
+    """A read-only open found no database at the given location."""
+
+
+class BackendUnavailableError(StoreError):
+    """The backend's driver is not installed (install the matching extra)."""
+
+
+class StoreWriteError(StoreError):
+    """Records could not be committed (storage failing) and were dropped."""

@@ -1,0 +1,119 @@
+"""The schema's history: an ordered registry of migrations, one statement list per dialect.
+
+Backends apply these in version order, each migration and the version bump in `metadata` in
+one transaction, so a failing migration leaves nothing half-done. The version lives under
+`SCHEMA_VERSION_KEY`, a key of this package's own, so another program sharing the database
+and its own `metadata` rows cannot collide with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ("MIGRATIONS", "SCHEMA_VERSION_KEY", "Migration", "latest_version")
+
+SCHEMA_VERSION_KEY: Final = "aiohttp_session_store.schema_version"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+# Bookkeeping must exist before any migration can record itself, so `metadata` is created
+# by the backend outside the registry (CREATE TABLE IF NOT EXISTS); its DDL lives here too.
+METADATA_DDL: Final = {
+    # Holds the schema version (and any later package-level settings), keyed by name.
+    "sqlite": "CREATE TABLE IF NOT EXISTS metadata ("
+    " key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at INTEGER NOT NULL)",
+    "postgres": "CREATE TABLE IF NOT EXISTS metadata ("
+    " key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at BIGINT NOT NULL)",
+}
+
+_INITIAL_SQLITE: Final = (
+    # One row per conversation: the upstream chat it maps to and the parent of the next turn.
+    """CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        chat_id TEXT,
+        parent_id TEXT,
+        first_user_message TEXT NOT NULL,
+        message_count INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        last_accessed INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    )""",
+    # Sweeps delete `expires_at <= now` in bounded batches: this index makes each batch a
+    # range scan instead of a full table scan.
+    "CREATE INDEX idx_sessions_expires_at ON sessions (expires_at)",
+    # Finding the session of an upstream chat (operators debugging an upstream id).
+    "CREATE INDEX idx_sessions_chat_id ON sessions (chat_id)",
+    # Listings are newest first.
+    "CREATE INDEX idx_sessions_created_at ON sessions (created_at)",
+    # One row per call, as the client sent it; outlives its session (no foreign key to it).
+    """CREATE TABLE requests (
+        id INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL UNIQUE,
+        session_id TEXT,
+        timestamp INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        model TEXT,
+        stream INTEGER NOT NULL,
+        openai_request TEXT,
+        upstream_request TEXT,
+        headers TEXT,
+        created_at INTEGER NOT NULL
+    )""",
+    # A session's transcript (CLI `show`, query app) without scanning every request.
+    "CREATE INDEX idx_requests_session_id ON requests (session_id, timestamp)",
+    # Time filters (`--since`) and retention sweeps.
+    "CREATE INDEX idx_requests_timestamp ON requests (timestamp)",
+    # One row per call, how it ended; references its request so neither can dangle.
+    """CREATE TABLE responses (
+        id INTEGER PRIMARY KEY,
+        response_id TEXT NOT NULL UNIQUE,
+        request_id TEXT NOT NULL REFERENCES requests(request_id),
+        session_id TEXT,
+        timestamp INTEGER NOT NULL,
+        status_code INTEGER,
+        outcome TEXT NOT NULL,
+        openai_response TEXT,
+        upstream_response TEXT,
+        parent_id TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        total_tokens INTEGER,
+        finish_reason TEXT,
+        error TEXT,
+        duration_ms INTEGER NOT NULL,
+        first_byte_ms INTEGER,
+        created_at INTEGER NOT NULL
+    )""",
+    # Joining a request to its response, and deleting responses before their requests.
+    "CREATE INDEX idx_responses_request_id ON responses (request_id)",
+    # Per-session statistics.
+    "CREATE INDEX idx_responses_session_id ON responses (session_id)",
+    # Time-bounded statistics.
+    "CREATE INDEX idx_responses_timestamp ON responses (timestamp)",
+)
+
+_INITIAL_POSTGRES: Final = tuple(
+    stmt.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
+    .replace("created_at INTEGER", "created_at BIGINT")
+    .replace("last_accessed INTEGER", "last_accessed BIGINT")
+    .replace("expires_at INTEGER", "expires_at BIGINT")
+    .replace("timestamp INTEGER", "timestamp BIGINT")
+    for stmt in _INITIAL_SQLITE
+)
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "initial schema", _INITIAL_SQLITE, _INITIAL_POSTGRES),
+)
+
+
+def latest_version(migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    return max((m.version for m in migrations), default=0)

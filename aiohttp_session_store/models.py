@@ -1,0 +1,186 @@
+"""The package's value types: sessions and the records written for each call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+__all__ = (
+    "OUTCOMES",
+    "Exchange",
+    "Outcome",
+    "RequestQuery",
+    "RequestRecord",
+    "ResponseFact",
+    "ResponseRecord",
+    "Session",
+    "SessionOrder",
+    "SessionQuery",
+    "WriteBatch",
+    "now_ms",
+)
+
+Outcome = Literal["completed", "client_disconnected", "upstream_error", "handler_error"]
+OUTCOMES: Final[tuple[Outcome, ...]] = (
+    "completed",
+    "client_disconnected",
+    "upstream_error",
+    "handler_error",
+)
+
+
+def now_ms() -> int:
+    """Wall-clock time as integer milliseconds since the epoch (the unit of every column)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A conversation: which upstream chat it maps to and the parent of its next turn."""
+
+    id: str
+    chat_id: str | None
+    parent_id: str | None
+    first_user_message: str
+    message_count: int
+    created_at: int
+    last_accessed: int
+    expires_at: int
+    #: True only on the value returned by the call that created the row.
+    is_new: bool = field(default=False, compare=False)
+
+    def is_expired(self, now: int) -> bool:
+        return self.expires_at <= now
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One call as the client sent it (a row of `requests`)."""
+
+    request_id: str
+    session_id: str | None
+    timestamp: int
+    method: str
+    path: str
+    model: str | None
+    stream: bool
+    openai_request: str | None
+    upstream_request: str | None
+    headers: str | None
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRecord:
+    """How one call ended (a row of `responses`)."""
+
+    response_id: str
+    request_id: str
+    session_id: str | None
+    timestamp: int
+    status_code: int | None
+    outcome: Outcome
+    openai_response: str | None
+    upstream_response: str | None
+    parent_id: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    finish_reason: str | None
+    error: str | None
+    duration_ms: int
+    first_byte_ms: int | None
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A request with its response (None while the call is in flight or was lost)."""
+
+    request: RequestRecord
+    response: ResponseRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFact:
+    """The measurable part of a response, joined with its request's model, for statistics."""
+
+    session_id: str | None
+    model: str | None
+    outcome: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    duration_ms: int
+    first_byte_ms: int | None
+
+
+SessionOrder = Literal[
+    "created_at_desc",
+    "created_at_asc",
+    "last_accessed_desc",
+    "last_accessed_asc",
+    "expires_at_desc",
+    "expires_at_asc",
+    "message_count_desc",
+]
+SESSION_ORDERS: Final[tuple[SessionOrder, ...]] = (
+    "created_at_desc",
+    "created_at_asc",
+    "last_accessed_desc",
+    "last_accessed_asc",
+    "expires_at_desc",
+    "expires_at_asc",
+    "message_count_desc",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionQuery:
+    """Which sessions to list. `state` compares `expires_at` with `now`."""
+
+    state: Literal["all", "active", "expired"] = "all"
+    now: int = 0
+    limit: int | None = None
+    offset: int = 0
+    order: SessionOrder = "created_at_desc"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestQuery:
+    """Filters over `requests` (all optional, combined with AND); newest first unless `oldest_first`."""
+
+    session_id: str | None = None
+    model: str | None = None
+    stream: bool | None = None
+    since: int | None = None
+    until: int | None = None
+    limit: int | None = None
+    offset: int = 0
+    oldest_first: bool = False
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Everything the writer commits in one transaction.
+
+    `sessions` are full snapshots (last state wins), `deleted_sessions` ids to remove; an id
+    is never in both. Requests are inserted before the upstream updates and the responses
+    that refer to them.
+    """
+
+    sessions: list[Session] = field(default_factory=list)
+    deleted_sessions: list[str] = field(default_factory=list)
+    requests: list[RequestRecord] = field(default_factory=list)
+    upstream_requests: list[tuple[str, str]] = field(default_factory=list)
+    responses: list[ResponseRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return (
+            len(self.sessions)
+            + len(self.deleted_sessions)
+            + len(self.requests)
+            + len(self.upstream_requests)
+            + len(self.responses)
+        )

@@ -1,0 +1,102 @@
+"""Shared fixtures: one `backend` fixture parametrized over every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from aiohttp_session_store.backends.base import Backend
+
+PG_DSN = os.environ.get("AIOHTTP_SESSION_STORE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_reachable() -> str | None:
+    """None if the PostgreSQL server answers, else why not."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        return "asyncpg is not installed (pip install -e '.[dev]')"
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return None
+    except OSError as exc:
+        return f"no PostgreSQL server at 127.0.0.1:5432 ({exc})"
+
+
+PG_UNAVAILABLE = _pg_reachable()
+
+
+def pytest_report_header() -> str:
+    return "postgresql: " + ("available" if PG_UNAVAILABLE is None else f"SKIPPED: {PG_UNAVAILABLE}")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "sessions.db"
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema for one test, dropped afterwards (test isolation)."""
+    if PG_UNAVAILABLE is not None:
+        pytest.skip(PG_UNAVAILABLE)
+    import asyncpg
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield name
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+def make_backend(kind: str, db_path: Path, pg_schema: str | None, **kwargs: object) -> Backend:
+    if kind == "sqlite":
+        from aiohttp_session_store.backends.sqlite import SQLiteBackend
+
+        return SQLiteBackend(db_path, **kwargs)  # type: ignore[arg-type]
+    from aiohttp_session_store.backends.postgres import PostgresBackend
+
+    return PostgresBackend(PG_DSN, schema=pg_schema, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    if kind == "postgres" and PG_UNAVAILABLE is not None:
+        pytest.skip(PG_UNAVAILABLE)
+    return kind
+
+
+@pytest.fixture
+def backend_factory(
+    backend_kind: str, db_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Backend]]:
+    """Makes (unopened) backends on one store: the same file or the same PG schema."""
+    schema = request.getfixturevalue("pg_schema") if backend_kind == "postgres" else None
+
+    def factory(**kwargs: object) -> Backend:
+        return make_backend(backend_kind, db_path, schema, **kwargs)
+
+    yield factory
+
+
+@pytest.fixture
+async def backend(backend_factory: Callable[..., Backend]) -> AsyncIterator[Backend]:
+    b = backend_factory()
+    await b.open()
+    try:
+        yield b
+    finally:
+        await b.close()
