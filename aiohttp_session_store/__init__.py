@@ -2,4 +2,48 @@
 
 from __future__ import annotations
 
+from .config import StoreConfig
+from .errors import (
+    BackendUnavailableError,
+    DatabaseNotFoundError,
+    InvalidSessionIdError,
+    SchemaVersionError,
+    StoreError,
+    StoreWriteError,
+)
+from .hashing import generate_session_id
+from .manager import SessionManager
+from .models import RequestRecord, ResponseRecord, Session
+from .plugin import (
+    STORE_KEY,
+    SessionStore,
+    get_session,
+    get_store,
+    mark_upstream_error,
+    set_upstream,
+    setup,
+)
+
 __version__ = "0.1.0"
+
+__all__ = (
+    "STORE_KEY",
+    "BackendUnavailableError",
+    "DatabaseNotFoundError",
+    "InvalidSessionIdError",
+    "RequestRecord",
+    "ResponseRecord",
+    "SchemaVersionError",
+    "Session",
+    "SessionManager",
+    "SessionStore",
+    "StoreConfig",
+    "StoreError",
+    "StoreWriteError",
+    "generate_session_id",
+    "get_session",
+    "get_store",
+    "mark_upstream_error",
+    "set_upstream",
+    "setup",
+)

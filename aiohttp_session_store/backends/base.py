@@ -88,7 +88,10 @@ class Backend(abc.ABC):
     async def advance_session(
         self, session_id: str, parent_id: str | None, *, now: int, expires_at: int
     ) -> Session | None:
-        """Set parent_id, bump last_accessed and `message_count + 1` atomically."""
+        """Set parent_id, slide the expiry and `message_count + 1` atomically.
+
+        Only a row not expired at `now` (`expires_at > now`) is advanced; None otherwise.
+        """
 
     @abc.abstractmethod
     async def set_chat_id(self, session_id: str, chat_id: str | None, *, now: int) -> bool:

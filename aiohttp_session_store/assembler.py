@@ -1,0 +1,401 @@
+"""Rebuild, from the SSE events of a streamed OpenAI chat completion, the non-streamed reply.
+
+`ChatStreamAssembler` takes the events one at a time and merges the `chat.completion.chunk`
+objects into the `chat.completion` object the same call would have returned unstreamed:
+content and reasoning joined, tool calls assembled by index, each choice's own finish_reason
+and the usage when the stream carried one. `completion_summary` reads the token counts and
+finish_reason off such an object, whichever way it was obtained.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .sse import SSEEvent
+
+__all__ = (
+    "AssembledStream",
+    "ChatStreamAssembler",
+    "CompletionSummary",
+    "completion_summary",
+)
+
+# Copied from the first chunk that has them; the rest of a chunk's top level is per-chunk.
+_HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+
+
+@dataclass(slots=True)
+class CompletionSummary:
+    """The columns a response record takes from a completion: token counts, finish_reason."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    finish_reason: str | None
+
+
+def _count(value: object) -> int | None:
+    # bool is an int subclass, but `true` is not a token count.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def _choice_zero(choices: object) -> Mapping[str, Any] | None:
+    if not isinstance(choices, list):
+        return None
+    first: Mapping[str, Any] | None = None
+    for choice in choices:
+        if not isinstance(choice, Mapping):
+            continue
+        if _count(choice.get("index")) == 0:
+            return choice
+        if first is None:
+            first = choice
+    return first
+
+
+def completion_summary(body: object) -> CompletionSummary:
+    """Token counts from `body["usage"]` and the finish_reason of choice 0 (else the first).
+
+    `body` is a parsed JSON reply and may be anything: whatever is missing or of the wrong
+    type reads as None, never as an error. A count of 0 stays 0.
+    """
+    if not isinstance(body, Mapping):
+        return CompletionSummary(None, None, None, None)
+    usage = body.get("usage")
+    if not isinstance(usage, Mapping):
+        usage = {}
+    choice = _choice_zero(body.get("choices"))
+    finish_reason = choice.get("finish_reason") if choice is not None else None
+    return CompletionSummary(
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")),
+        total_tokens=_count(usage.get("total_tokens")),
+        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+    )
+
+
+@dataclass(slots=True)
+class AssembledStream:
+    """What a stream amounted to, as far as it went."""
+
+    #: At least one event was a chat.completion.chunk-shaped JSON object.
+    openai_shaped: bool
+    #: The assembled chat.completion object; None if the stream was not OpenAI-shaped.
+    completion: dict[str, Any] | None
+    #: The data of each event in order, up to the assembler's limits (see `raw_truncated`).
+    raw_events: list[str]
+    #: "[DONE]" was seen.
+    done: bool
+    #: The value of the last `{"error": ...}` event, if the stream carried one.
+    error: Any | None
+    summary: CompletionSummary
+    #: Events were left out of `raw_events` to stay within the limits; it holds a prefix.
+    raw_truncated: bool = False
+
+
+class _ToolCall:
+    __slots__ = ("arguments", "id", "name", "type")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type: str | None = None
+        self.name: list[str] = []
+        self.arguments: list[str] = []
+
+
+class _Choice:
+    __slots__ = (
+        "content",
+        "finish_reason",
+        "function_arguments",
+        "function_call",
+        "function_name",
+        "logprobs",
+        "reasoning",
+        "refusal",
+        "role",
+        "tool_calls",
+    )
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        # Non-empty once any content delta came, even "": that is how None and "" differ.
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.refusal: list[str] = []
+        self.tool_calls: dict[int, _ToolCall] = {}
+        self.function_call = False
+        self.function_name: list[str] = []
+        self.function_arguments: list[str] = []
+        self.finish_reason: str | None = None
+        self.logprobs: dict[str, Any] | None = None
+
+    def merge(self, delta: Mapping[str, Any]) -> None:
+        role = delta.get("role")
+        if self.role is None and isinstance(role, str) and role:
+            self.role = role
+        content = delta.get("content")
+        if isinstance(content, str):
+            self.content.append(content)
+        # Some servers send the same text under both names; take one so it is not doubled.
+        reasoning = delta.get("reasoning_content")
+        if not isinstance(reasoning, str):
+            reasoning = delta.get("reasoning")
+        if isinstance(reasoning, str):
+            self.reasoning.append(reasoning)
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str):
+            self.refusal.append(refusal)
+        tool_calls = delta.get("tool_calls")
+        if isinstance(tool_calls, list):
+            for position, call in enumerate(tool_calls):
+                if isinstance(call, Mapping):
+                    self._merge_tool_call(position, call)
+        function_call = delta.get("function_call")
+        if isinstance(function_call, Mapping):
+            self.function_call = True
+            name = function_call.get("name")
+            if isinstance(name, str):
+                self.function_name.append(name)
+            arguments = function_call.get("arguments")
+            if isinstance(arguments, str):
+                self.function_arguments.append(arguments)
+
+    def _merge_tool_call(self, position: int, call: Mapping[str, Any]) -> None:
+        index = _count(call.get("index"))
+        call_id = call.get("id")
+        if index is None:
+            # No index (some non-OpenAI servers): a new id opens a call, else it continues
+            # the latest one; a lone first delta falls back to its position in the list.
+            if isinstance(call_id, str) and all(c.id != call_id for c in self.tool_calls.values()):
+                index = max(self.tool_calls, default=position - 1) + 1
+            elif self.tool_calls:
+                index = max(self.tool_calls)
+            else:
+                index = position
+        state = self.tool_calls.get(index)
+        if state is None:
+            state = self.tool_calls[index] = _ToolCall()
+        if state.id is None and isinstance(call_id, str) and call_id:
+            state.id = call_id
+        call_type = call.get("type")
+        if state.type is None and isinstance(call_type, str) and call_type:
+            state.type = call_type
+        function = call.get("function")
+        if isinstance(function, Mapping):
+            name = function.get("name")
+            if isinstance(name, str):
+                state.name.append(name)
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                state.arguments.append(arguments)
+
+    def merge_logprobs(self, logprobs: Mapping[str, Any]) -> None:
+        # Each chunk carries the logprobs of its own tokens: the lists concatenate.
+        if self.logprobs is None:
+            self.logprobs = {}
+        for key, value in logprobs.items():
+            held = self.logprobs.get(key)
+            if isinstance(value, list) and isinstance(held, list):
+                held.extend(value)
+            elif isinstance(value, list):
+                self.logprobs[key] = list(value)
+            elif value is not None or key not in self.logprobs:
+                self.logprobs[key] = value
+
+    def build(self, index: int) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": self.role or "assistant",
+            "content": "".join(self.content) if self.content else None,
+        }
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.refusal:
+            message["refusal"] = "".join(self.refusal)
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": call.type or "function",
+                    "function": {"name": "".join(call.name), "arguments": "".join(call.arguments)},
+                }
+                for _, call in sorted(self.tool_calls.items())
+            ]
+        if self.function_call:
+            message["function_call"] = {
+                "name": "".join(self.function_name),
+                "arguments": "".join(self.function_arguments),
+            }
+        choice: dict[str, Any] = {
+            "index": index,
+            "message": message,
+            "finish_reason": self.finish_reason,
+        }
+        if self.logprobs is not None:
+            # A copy: the lists keep growing if the stream goes on after this result.
+            choice["logprobs"] = {
+                key: list(value) if isinstance(value, list) else value
+                for key, value in self.logprobs.items()
+            }
+        return choice
+
+
+class ChatStreamAssembler:
+    """Feed it every event of one streamed reply; `result()` says what the reply was.
+
+    Never raises on what the stream contains: events that are not JSON, not objects, or not
+    shaped like chat chunks are kept only in `raw_events`, and malformed parts of a chunk are
+    skipped. `result()` may be called at any point, e.g. when the client went away mid-stream.
+    """
+
+    __slots__ = (
+        "_choices",
+        "_done",
+        "_error",
+        "_header",
+        "_max_raw_bytes",
+        "_max_raw_events",
+        "_openai_shaped",
+        "_raw",
+        "_raw_bytes",
+        "_raw_truncated",
+        "_usage",
+    )
+
+    def __init__(self, *, max_raw_events: int = 10_000, max_raw_bytes: int = 1 << 20) -> None:
+        if max_raw_events < 0 or max_raw_bytes < 0:
+            raise ValueError("max_raw_events and max_raw_bytes cannot be negative")
+        self._max_raw_events = max_raw_events
+        self._max_raw_bytes = max_raw_bytes
+        self._raw: list[str] = []
+        self._raw_bytes = 0
+        self._raw_truncated = False
+        self._openai_shaped = False
+        self._done = False
+        self._error: Any | None = None
+        self._header: dict[str, Any] = {}
+        self._usage: dict[str, Any] | None = None
+        self._choices: dict[int, _Choice] = {}
+
+    def feed(self, event: SSEEvent) -> None:
+        """Take one event: "[DONE]" marks the end, chat chunks are merged, the rest kept raw."""
+        data = event.data
+        self._keep_raw(data)
+        text = data.strip()
+        if text == "[DONE]":
+            self._done = True
+            return
+        # Only an object can be a chunk or an error; skip json.loads for anything else.
+        if not text.startswith("{"):
+            return
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(obj, dict):
+            return
+        error = obj.get("error")
+        if error is not None:
+            self._error = error
+        choices = obj.get("choices")
+        if isinstance(choices, list) or obj.get("object") == "chat.completion.chunk":
+            self._openai_shaped = True
+            self._merge(obj, choices if isinstance(choices, list) else [])
+
+    @property
+    def content(self) -> str:
+        """Choice 0's content so far ("" before any)."""
+        choice = self._choice_zero()
+        if choice is None or not choice.content:
+            return ""
+        parts = choice.content
+        if len(parts) > 1:
+            # Keep the join: asking again before more content arrives is then free.
+            parts[:] = ["".join(parts)]
+        return parts[0]
+
+    def result(self) -> AssembledStream:
+        """The stream so far, with the completion assembled from it."""
+        completion = self._build() if self._openai_shaped else None
+        return AssembledStream(
+            openai_shaped=self._openai_shaped,
+            completion=completion,
+            raw_events=list(self._raw),
+            done=self._done,
+            error=self._error,
+            summary=completion_summary(completion),
+            raw_truncated=self._raw_truncated,
+        )
+
+    def _keep_raw(self, data: str) -> None:
+        if self._raw_truncated:
+            # Once one is left out, keep none after it: a prefix is easier to read than holes.
+            return
+        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        if len(self._raw) >= self._max_raw_events or self._raw_bytes + size > self._max_raw_bytes:
+            self._raw_truncated = True
+            return
+        self._raw.append(data)
+        self._raw_bytes += size
+
+    def _merge(self, chunk: dict[str, Any], choices: list[Any]) -> None:
+        header = self._header
+        for key in _HEADER_KEYS:
+            if key not in header:
+                value = chunk.get(key)
+                if value is not None:
+                    header[key] = value
+        usage = chunk.get("usage")
+        # Some servers repeat a cumulative usage on every chunk: the last one is the total.
+        if isinstance(usage, dict):
+            self._usage = usage
+        for position, choice in enumerate(choices):
+            if not isinstance(choice, Mapping):
+                continue
+            index = _count(choice.get("index"))
+            if index is None:
+                index = position
+            state = self._choices.get(index)
+            if state is None:
+                state = self._choices[index] = _Choice()
+            delta = choice.get("delta")
+            if not isinstance(delta, Mapping):
+                # A server that sends its whole reply as one unstreamed object in the stream.
+                delta = choice.get("message")
+            if isinstance(delta, Mapping):
+                state.merge(delta)
+            finish_reason = choice.get("finish_reason")
+            if isinstance(finish_reason, str):
+                state.finish_reason = finish_reason
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, Mapping):
+                state.merge_logprobs(logprobs)
+
+    def _choice_zero(self) -> _Choice | None:
+        choice = self._choices.get(0)
+        if choice is None and self._choices:
+            choice = self._choices[min(self._choices)]
+        return choice
+
+    def _build(self) -> dict[str, Any]:
+        header = self._header
+        completion: dict[str, Any] = {
+            "id": header.get("id"),
+            "object": "chat.completion",
+            "created": header.get("created"),
+            "model": header.get("model"),
+        }
+        for key in ("system_fingerprint", "service_tier"):
+            if key in header:
+                completion[key] = header[key]
+        completion["choices"] = [
+            choice.build(index) for index, choice in sorted(self._choices.items())
+        ]
+        if self._usage is not None:
+            completion["usage"] = dict(self._usage)
+        return completion

@@ -1,0 +1,180 @@
+"""Teeing what a handler streams to its client, and turning it into a response record body.
+
+The tee wraps the prepared response's `write`/`write_eof`: the narrowest point every
+StreamResponse (and aiohttp-sse's EventSourceResponse) sends its body through. Each write
+is passed on untouched and first; only bytes that reached the transport are fed to the
+parser, so a record of a broken stream holds exactly what the client was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+from .assembler import ChatStreamAssembler, CompletionSummary, completion_summary
+from .sse import SSEParser
+
+__all__ = (
+    "CapturedBody",
+    "ResponseCapture",
+    "body_text",
+    "is_event_stream",
+    "stored_text",
+    "summarize_body",
+)
+
+_EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
+
+
+def is_event_stream(response: web.StreamResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+def stored_text(text: str, truncated: bool, original_bytes: int) -> str:
+    """The text a column holds: as is, or a marked JSON envelope around a cut prefix.
+
+    The envelope keeps the column valid JSON and says plainly that, and by how much, the
+    body was cut: `{"truncated": true, "original_bytes": N, "prefix": "..."}`.
+    """
+    if not truncated:
+        return text
+    return json.dumps(
+        {"truncated": True, "original_bytes": original_bytes, "prefix": text},
+        ensure_ascii=False,
+    )
+
+
+def body_text(data: bytes, limit: int) -> tuple[str, bool]:
+    """Decode a body for storage, cut to `limit` bytes; (text, truncated)."""
+    truncated = len(data) > limit
+    if truncated:
+        data = data[:limit]
+    # "replace": a body that is not UTF-8 is still stored (and visibly so), never an error.
+    return data.decode("utf-8", "replace"), truncated
+
+
+@dataclass(slots=True)
+class CapturedBody:
+    """A reply as it will be stored: its text, its summary, and the assembled content."""
+
+    text: str | None
+    truncated: bool
+    summary: CompletionSummary
+    content: str | None = None
+    stream_error: Any = None
+
+
+class ResponseCapture:
+    """Per-request tee of a streamed reply (one instance per call, never shared)."""
+
+    __slots__ = (
+        "_assembler",
+        "_limit",
+        "_parser",
+        "_raw",
+        "_raw_size",
+        "bytes_sent",
+        "first_byte_at",
+        "sse",
+        "write_error",
+    )
+
+    def __init__(self, *, limit: int) -> None:
+        self._limit = limit
+        self.sse = False
+        self._parser: SSEParser | None = None
+        self._assembler: ChatStreamAssembler | None = None
+        self._raw: list[bytes] = []
+        self._raw_size = 0
+        self.first_byte_at: float | None = None
+        self.write_error: BaseException | None = None
+        self.bytes_sent = 0
+
+    def attach(self, response: web.StreamResponse) -> None:
+        """Wrap the response's writes; called from `on_response_prepare`."""
+        if is_event_stream(response):
+            self.sse = True
+            self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024))
+            self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit)
+        send = response.write
+        send_eof = response.write_eof
+
+        async def write(data: bytes | bytearray | memoryview) -> None:
+            if self.first_byte_at is None and data:
+                self.first_byte_at = time.perf_counter()
+            try:
+                await send(data)
+            except (ConnectionError, OSError) as exc:
+                # Seen here even when the handler swallows it: the client went away.
+                self.write_error = exc
+                raise
+            self._feed(data)
+
+        async def write_eof(data: bytes = b"") -> None:
+            if data:
+                if self.first_byte_at is None:
+                    self.first_byte_at = time.perf_counter()
+                self._feed(data)
+            await send_eof(data)
+
+        # Instance attributes shadow the methods for this one response only.
+        response.write = write  # type: ignore[method-assign]
+        response.write_eof = write_eof  # type: ignore[method-assign]
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.bytes_sent += len(data)
+        if self._parser is not None and self._assembler is not None:
+            for event in self._parser.feed(data):
+                self._assembler.feed(event)
+        elif self._raw_size < self._limit:
+            chunk = bytes(data[: self._limit - self._raw_size])
+            self._raw.append(chunk)
+            self._raw_size += len(chunk)
+
+    def result(self) -> CapturedBody:
+        """What was sent so far, assembled (callable at any point, e.g. after a disconnect)."""
+        if self._assembler is None:
+            text, truncated = body_text(b"".join(self._raw), self._limit)
+            return CapturedBody(
+                text=text,
+                truncated=truncated or self.bytes_sent > self._limit,
+                summary=_summary_of_json(text),
+            )
+        assembled = self._assembler.result()
+        if assembled.openai_shaped and assembled.completion is not None:
+            text = json.dumps(assembled.completion, ensure_ascii=False)
+            choices = assembled.completion.get("choices") or [{}]
+            message = choices[0].get("message") or {}
+            content = message.get("content")
+        else:
+            text = json.dumps(assembled.raw_events, ensure_ascii=False)
+            content = None
+        encoded = text.encode("utf-8")
+        truncated = len(encoded) > self._limit
+        if truncated:
+            text = encoded[: self._limit].decode("utf-8", "ignore")
+        return CapturedBody(
+            text=text,
+            truncated=truncated,
+            summary=assembled.summary,
+            content=content if isinstance(content, str) else None,
+            stream_error=assembled.error,
+        )
+
+
+def _summary_of_json(text: str) -> CompletionSummary:
+    try:
+        return completion_summary(json.loads(text))
+    except (ValueError, RecursionError):
+        return _EMPTY_SUMMARY
+
+
+def summarize_body(data: bytes, limit: int) -> CapturedBody:
+    """A non-streamed reply body as stored: the text as sent, its usage and finish_reason."""
+    text, truncated = body_text(data, limit)
+    summary = _EMPTY_SUMMARY if truncated else _summary_of_json(text)
+    return CapturedBody(text=text, truncated=truncated, summary=summary)

@@ -1,0 +1,371 @@
+"""The aiohttp middleware: a session before each handler, one request and one response record.
+
+Everything per call lives in one `Recording` held by the request; nothing is shared between
+requests. Records are handed to the writer without awaiting it (in batched durability), and
+the response record is handed over in a `finally`, so a cancelled handler still records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import web
+
+from .capture import CapturedBody, ResponseCapture, body_text, stored_text, summarize_body
+from .config import StoreConfig
+from .errors import InvalidSessionIdError, StoreWriteError
+from .hashing import first_user_text, generate_session_id, scoped_session_id, validate_session_id
+from .manager import SessionManager
+from .models import Outcome, RequestRecord, ResponseRecord, Session, now_ms
+
+__all__ = (
+    "RECORDING_KEY",
+    "SESSION_KEY",
+    "Recording",
+    "make_middleware",
+    "on_response_prepare",
+)
+
+log: Final = logging.getLogger("aiohttp_session_store.middleware")
+
+# Request keys (plain strings: aiohttp >= 3.9 has no RequestKey yet). Namespaced so a
+# handler's own request state cannot collide with them.
+SESSION_KEY: Final = "aiohttp_session_store.session"
+RECORDING_KEY: Final = "aiohttp_session_store.recording"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+_UNSET: Final[Any] = object()
+_REDACTED: Final = "[REDACTED]"
+_SYNC_COMMIT_TIMEOUT: Final = 5.0
+
+
+@dataclass(slots=True)
+class Recording:
+    """What one call has told us so far; read when its response record is written."""
+
+    request_id: str
+    started: float
+    limit: int
+    session: Session | None = None
+    request_queued: bool = False
+    capture: ResponseCapture | None = None
+    upstream_request: Any = _UNSET
+    upstream_response: Any = _UNSET
+    upstream_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _error_response(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "code": None}}, status=status
+    )
+
+
+class _Recorder:
+    """Builds the records of one call from the config; bound once per application."""
+
+    def __init__(self, manager: SessionManager, config: StoreConfig) -> None:
+        self.manager = manager
+        self.writer = manager.writer
+        self.config = config
+        self.redacted = config.redacted_header_names
+        self.limit = config.max_body_bytes
+        self.sync = config.durability == "sync"
+
+    async def commit(self) -> None:
+        """In sync durability, wait (boundedly) until what this call queued is committed."""
+        if not self.sync:
+            return
+        try:
+            await asyncio.wait_for(self.writer.flush(), _SYNC_COMMIT_TIMEOUT)
+        except (asyncio.TimeoutError, StoreWriteError):
+            # The writer keeps retrying and counts what it drops; the proxy keeps serving.
+            log.warning("records not committed within %ss (storage failing)", _SYNC_COMMIT_TIMEOUT)
+
+    def headers_json(self, headers: Mapping[str, str]) -> str:
+        redacted = self.redacted
+        return json.dumps(
+            {k: (_REDACTED if k.lower() in redacted else v) for k, v in headers.items()},
+            ensure_ascii=False,
+        )
+
+    def to_text(self, value: Any) -> str | None:
+        """A body-ish value as stored: redacted by the hook, serialised, cut to the limit."""
+        if value is None or value is _UNSET:
+            return None
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            raw = bytes(value)
+            try:
+                value = json.loads(raw) if self.config.redact_body else None
+            except (ValueError, RecursionError):
+                value = None
+            if value is None:
+                text, cut = body_text(raw, self.limit)
+                return stored_text(text, cut, len(raw))
+        if self.config.redact_body is not None and not isinstance(value, str):
+            value = self.config.redact_body(value)
+        if not isinstance(value, str):
+            try:
+                value = json.dumps(value, ensure_ascii=False, default=str)
+            except (ValueError, RecursionError):
+                value = repr(value)
+        encoded = value.encode("utf-8", "surrogatepass")
+        if len(encoded) <= self.limit:
+            return value
+        return stored_text(encoded[: self.limit].decode("utf-8", "ignore"), True, len(encoded))
+
+    def request_body_text(self, raw: bytes, body: Any) -> str:
+        if self.config.redact_body is not None and body is not None:
+            redacted = self.to_text(self.config.redact_body(body))
+            return redacted if redacted is not None else ""
+        text, cut = body_text(raw, self.limit)
+        return stored_text(text, cut, len(raw))
+
+    def session_id_for(self, request: web.Request, body: Any) -> tuple[str | None, str | None]:
+        """(session id, first user text); raises InvalidSessionIdError for a bad header."""
+        text = first_user_text(body)
+        chosen = request.headers.get(self.config.session_header)
+        if chosen is not None:
+            return validate_session_id(chosen), text
+        if text is None:
+            return None, None
+        scope = self.config.scope_header
+        if scope is not None:
+            return scoped_session_id(request.headers.get(scope, ""), text), text
+        return generate_session_id(text), text
+
+    def queue_request(
+        self, request: web.Request, rec: Recording, raw: bytes | None, body: Any, ts: int
+    ) -> None:
+        model = body.get("model") if isinstance(body, dict) else None
+        stream = body.get("stream") is True if isinstance(body, dict) else False
+        record = RequestRecord(
+            request_id=rec.request_id,
+            session_id=rec.session.id if rec.session else None,
+            timestamp=ts,
+            method=request.method,
+            path=request.path,
+            model=model if isinstance(model, str) else None,
+            stream=stream,
+            openai_request=self.request_body_text(raw, body) if raw is not None else None,
+            upstream_request=None,
+            headers=self.headers_json(request.headers),
+            created_at=ts,
+        )
+        rec.request_queued = self.writer.put_request(record)
+
+    def queue_response(
+        self,
+        rec: Recording,
+        *,
+        status: int | None,
+        outcome: Outcome,
+        body: CapturedBody | None,
+        error: str | None,
+    ) -> None:
+        """Hand the response record over. Synchronous: safe in a `finally` after a cancel."""
+        if not rec.request_queued:
+            return  # its request was dropped (storage failing): a lone response would dangle
+        if rec.upstream_error is not None and outcome in ("completed", "handler_error"):
+            outcome = "upstream_error"
+            error = rec.upstream_error
+        elif error is None and body is not None and body.stream_error is not None:
+            error = self.to_text(body.stream_error)
+        ended = time.perf_counter()
+        parent_id = None
+        if rec.session is not None:
+            now = self.manager.peek(rec.session.id)
+            if now is not None and now.parent_id != rec.session.parent_id:
+                parent_id = now.parent_id
+        # A whole (non-streamed) body leaves in one piece once the handler has returned.
+        first_byte = rec.capture.first_byte_at if rec.capture else (ended if body else None)
+        summary = body.summary if body is not None else None
+        ts = now_ms()
+        if rec.upstream_request is not _UNSET:
+            upstream = self.to_text(rec.upstream_request)
+            if upstream is not None:
+                self.writer.put_upstream_request(rec.request_id, upstream)
+        record = ResponseRecord(
+            response_id=uuid.uuid4().hex,
+            request_id=rec.request_id,
+            session_id=rec.session.id if rec.session else None,
+            timestamp=ts,
+            status_code=status,
+            outcome=outcome,
+            openai_response=body.text if body is not None else None,
+            upstream_response=self.to_text(rec.upstream_response),
+            parent_id=parent_id,
+            prompt_tokens=summary.prompt_tokens if summary else None,
+            completion_tokens=summary.completion_tokens if summary else None,
+            total_tokens=summary.total_tokens if summary else None,
+            finish_reason=summary.finish_reason if summary else None,
+            error=error,
+            duration_ms=round((ended - rec.started) * 1000),
+            first_byte_ms=(
+                round((first_byte - rec.started) * 1000) if first_byte is not None else None
+            ),
+            created_at=ts,
+        )
+        self.writer.put_response(record)
+
+    def reply_body(self, response: web.StreamResponse, rec: Recording) -> CapturedBody | None:
+        if rec.capture is not None:
+            return rec.capture.result()
+        if isinstance(response, web.Response):
+            data = response.body
+            if isinstance(data, (bytes, bytearray)):
+                body = summarize_body(bytes(data), self.limit)
+                body.text = stored_text(body.text or "", body.truncated, len(data))
+                return body
+        return None
+
+
+def make_middleware(manager: SessionManager, config: StoreConfig) -> Middleware:
+    """The middleware for one store; `paths` decide which requests it touches."""
+    recorder = _Recorder(manager, config)
+    paths = frozenset(config.paths)
+
+    @web.middleware
+    async def session_store_middleware(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if request.path not in paths:
+            return await handler(request)
+        return await _handle(recorder, request, handler)
+
+    return session_store_middleware
+
+
+async def _handle(recorder: _Recorder, request: web.Request, handler: Handler) -> web.StreamResponse:
+    rec = Recording(
+        request_id=uuid.uuid4().hex,
+        started=time.perf_counter(),
+        limit=recorder.limit,
+    )
+    ts = now_ms()
+    raw: bytes | None = None
+    body: Any = None
+    early: web.Response | None = None
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        early = _error_response(413, exc.text or "request body too large", "invalid_request_error")
+    if raw:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            body = None
+    if early is None:
+        try:
+            session_id, text = recorder.session_id_for(request, body)
+        except InvalidSessionIdError as exc:
+            early = _error_response(400, f"{recorder.config.session_header}: {exc}", "invalid_request_error")
+        else:
+            if session_id is not None:
+                try:
+                    rec.session = await _resolve(recorder.manager, session_id, text)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Without its chat/parent ids a stateful upstream would silently start a
+                    # new conversation; a retryable 503 is the honest answer.
+                    log.exception("cannot resolve session %s", session_id)
+                    early = _error_response(
+                        503, "the session store is unavailable; retry shortly", "server_error"
+                    )
+                    early.headers["Retry-After"] = "1"
+    request[SESSION_KEY] = rec.session
+    request[RECORDING_KEY] = rec
+    recorder.queue_request(request, rec, raw, body, ts)
+    await recorder.commit()
+    if early is not None:
+        recorder.queue_response(
+            rec,
+            status=early.status,
+            outcome="completed",
+            body=recorder.reply_body(early, rec),
+            error=early.text,
+        )
+        await recorder.commit()
+        return early
+    return await _run_handler(recorder, request, handler, rec)
+
+
+async def _resolve(manager: SessionManager, session_id: str, text: str | None) -> Session:
+    session = await manager.get_session(session_id)
+    if session is None:
+        session = await manager.create_session(session_id, first_user_message=text)
+    return session
+
+
+async def _run_handler(
+    recorder: _Recorder, request: web.Request, handler: Handler, rec: Recording
+) -> web.StreamResponse:
+    outcome: Outcome = "completed"
+    status: int | None = None
+    error: str | None = None
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        capture = rec.capture
+        if capture is not None and capture.write_error is not None:
+            outcome, error = "client_disconnected", repr(capture.write_error)
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        error = exc.text if exc.status >= 400 else None
+        outcome = "handler_error" if exc.status >= 500 else "completed"
+        response = exc
+        raise
+    except asyncio.CancelledError:
+        # aiohttp cancels a handler whose client went away (handler_cancellation=True).
+        outcome, error = "client_disconnected", "handler cancelled"
+        status = _status_sent(rec)
+        raise
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        outcome, error = "client_disconnected", repr(exc)
+        status = _status_sent(rec)
+        raise
+    except Exception as exc:
+        outcome, error = "handler_error", f"{type(exc).__name__}: {exc}"
+        status = _status_sent(rec)
+        raise
+    finally:
+        try:
+            body = recorder.reply_body(response, rec) if response is not None else (
+                rec.capture.result() if rec.capture is not None else None
+            )
+            recorder.queue_response(rec, status=status, outcome=outcome, body=body, error=error)
+        except Exception:
+            # Recording must never turn a served call into a failed one.
+            log.exception("cannot record the response of %s", rec.request_id)
+        if outcome != "client_disconnected":
+            await recorder.commit()
+
+
+def _status_sent(rec: Recording) -> int | None:
+    return rec.extra.get("status")
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Tee streamed replies of recorded calls (a signal handler, registered by `setup`)."""
+    rec = request.get(RECORDING_KEY)
+    if not isinstance(rec, Recording) or rec.capture is not None:
+        return
+    rec.extra["status"] = response.status
+    if isinstance(response, web.Response):
+        return  # its body is read whole from the response object afterwards
+    capture = ResponseCapture(limit=rec.limit)
+    capture.attach(response)
+    rec.capture = capture
+

@@ -1,0 +1,147 @@
+"""`setup(app, ...)`: wiring a SessionStore into an aiohttp application, and its accessors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from aiohttp import web
+
+from .backends.base import Backend
+from .config import StoreConfig
+from .manager import SessionManager
+from .middleware import (
+    _UNSET,
+    RECORDING_KEY,
+    SESSION_KEY,
+    Recording,
+    make_middleware,
+    on_response_prepare,
+)
+from .models import Session
+
+__all__ = (
+    "STORE_KEY",
+    "SessionStore",
+    "get_session",
+    "get_store",
+    "mark_upstream_error",
+    "set_upstream",
+    "setup",
+)
+
+log: Final = logging.getLogger("aiohttp_session_store")
+
+
+class SessionStore:
+    """What `setup()` made: the manager, its backend and config, open while the app runs."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+        self.config = manager.config
+
+    @property
+    def backend(self) -> Backend:
+        return self.manager.backend
+
+    async def open(self) -> None:
+        await self.manager.open()
+
+    async def flush(self) -> None:
+        """Wait until every record and session change queued so far is committed."""
+        await self.manager.writer.flush()
+
+    async def close(self) -> None:
+        """Commit everything queued, stop the sweeper and writer, close the backend."""
+        await self.manager.shutdown()
+
+    async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        await self.open()
+        self.manager.start_cleanup()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    def __repr__(self) -> str:
+        return f"<SessionStore backend={self.backend.name} paths={self.config.paths}>"
+
+
+STORE_KEY: Final = web.AppKey("aiohttp_session_store", SessionStore)
+
+
+def setup(
+    app: web.Application,
+    database: str | os.PathLike[str] | Backend = "data/sessions.db",
+    *,
+    config: StoreConfig | None = None,
+) -> SessionStore:
+    """Add sessions and request/response records to `app`; return the store it made.
+
+    `database` is a path, `sqlite:///path`, `postgresql://...` or a Backend instance. The
+    store opens when the app starts (in `cleanup_ctx`) and commits everything on shutdown.
+    """
+    if STORE_KEY in app:
+        raise RuntimeError("aiohttp_session_store.setup() was already called for this app")
+    store = SessionStore(SessionManager(database, config=config))
+    app[STORE_KEY] = store
+    app.middlewares.append(make_middleware(store.manager, store.config))
+    app.on_response_prepare.append(on_response_prepare)
+    app.cleanup_ctx.append(store._lifespan)
+    return store
+
+
+def get_store(app_or_request: web.Application | web.BaseRequest) -> SessionStore:
+    """The store `setup()` attached (to the app, or to a request's app or its parents)."""
+    if isinstance(app_or_request, web.BaseRequest):
+        # config_dict chains a sub-application's state to its parents'.
+        store = app_or_request.config_dict.get(STORE_KEY)
+    else:
+        store = app_or_request.get(STORE_KEY)
+    if store is None:
+        raise RuntimeError(
+            "no session store on this application: call aiohttp_session_store.setup(app) first"
+        )
+    return store
+
+
+def get_session(request: web.BaseRequest) -> Session | None:
+    """The session resolved before this handler ran.
+
+    None when the path is not a session path, or the body had no user message (and no
+    session header).
+    """
+    session = request.get(SESSION_KEY)
+    return session if isinstance(session, Session) else None
+
+
+def _recording(request: web.BaseRequest) -> Recording:
+    rec = request.get(RECORDING_KEY)
+    if not isinstance(rec, Recording):
+        raise RuntimeError(
+            "this request is not recorded: its path is not in StoreConfig.paths, "
+            "or aiohttp_session_store.setup(app) was not called"
+        )
+    return rec
+
+
+def set_upstream(
+    request: web.BaseRequest, *, request_body: Any = _UNSET, response_body: Any = _UNSET
+) -> None:
+    """Attach what the handler sent to / received from its upstream to this call's records.
+
+    Values may be JSON-serialisable objects, str or bytes; they go through the same body
+    redaction hook and size limit as the client's bodies.
+    """
+    rec = _recording(request)
+    if request_body is not _UNSET:
+        rec.upstream_request = request_body
+    if response_body is not _UNSET:
+        rec.upstream_response = response_body
+
+
+def mark_upstream_error(request: web.BaseRequest, error: str) -> None:
+    """Record this call's outcome as `upstream_error`, with `error` as its message."""
+    _recording(request).upstream_error = error

@@ -1,0 +1,227 @@
+"""Incremental Server-Sent Events parser: bytes in any chunking, complete events out (WHATWG).
+
+The rules followed are those of the HTML Living Standard, "Parsing an event stream":
+UTF-8 with replacement of invalid sequences, one leading BOM dropped, lines ended by CRLF, LF
+or CR, comments (lines starting with ":") ignored, `field:value` with one leading space of the
+value dropped, `data` lines joined with "\\n", `id` values containing NUL ignored, `retry`
+taken only when it is ASCII digits, an event dispatched on a blank line when it has at least
+one `data` line, and an unterminated event at the end of the stream discarded.
+
+Two deliberate additions to the standard: `SSEEvent.retry` carries a `retry` field given in
+the event's own block (the standard only updates the connection's reconnection time, which
+this parser also keeps as `SSEParser.retry`), and a size guard that drops any event whose
+lines exceed `max_event_bytes` instead of buffering it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ("SSEEvent", "SSEParser")
+
+_BOM: Final = b"\xef\xbb\xbf"
+_LF: Final = 0x0A
+_CR: Final = 0x0D
+_COLON: Final = 0x3A
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event.
+
+    `id` is the stream's last event id at dispatch time, as the standard defines it: it
+    persists across events until another `id` field changes it (an empty `id:` sets it to
+    ""), and is None only while no `id` field has been seen.
+    """
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+    retry: int | None = None
+
+
+class SSEParser:
+    """Feed it the bytes of one event stream in whatever chunks they arrive; get events back.
+
+    The work is done on bytes: CR and LF never occur inside a UTF-8 multibyte sequence, so
+    lines can be cut on the raw bytes and each field value decoded on its own, which makes a
+    character split across chunks a non-issue and lets the size guard count real bytes.
+    """
+
+    __slots__ = (
+        "_at_start",
+        "_cr_pending",
+        "_data",
+        "_event_bytes",
+        "_event_retry",
+        "_event_type",
+        "_head",
+        "_partial",
+        "_skipping",
+        "bytes_seen",
+        "last_event_id",
+        "max_event_bytes",
+        "overflowed",
+        "retry",
+    )
+
+    def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
+        if max_event_bytes < 1:
+            raise ValueError(f"max_event_bytes must be at least 1, not {max_event_bytes}")
+        self.max_event_bytes = max_event_bytes
+        #: True once an event was dropped for exceeding `max_event_bytes`.
+        self.overflowed = False
+        #: Every byte passed to `feed`, BOM and line terminators included.
+        self.bytes_seen = 0
+        #: The standard's "last event ID string"; None until an `id` field is seen.
+        self.last_event_id: str | None = None
+        #: The latest reconnection time (ms) the stream asked for, if any.
+        self.retry: int | None = None
+        self._reset_stream()
+
+    def _reset_stream(self) -> None:
+        # Up to 2 bytes held back at the start while they could still be the start of a BOM.
+        self._head = b""
+        self._at_start = True
+        # The previous chunk ended in CR: a LF opening the next chunk is the same line break.
+        self._cr_pending = False
+        # The unterminated last line; bytearray so a line arriving in many pieces stays linear.
+        self._partial = bytearray()
+        # After an overflow: discard lines until the blank line that ends the oversized event.
+        self._skipping = False
+        self._reset_event()
+
+    def _reset_event(self) -> None:
+        self._data: list[str] = []
+        self._event_type = ""
+        self._event_retry: int | None = None
+        self._event_bytes = 0
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[SSEEvent]:
+        """Parse the next chunk of the stream; return the events it completed, in order."""
+        data = bytes(chunk)
+        self.bytes_seen += len(data)
+        if self._at_start:
+            data = self._head + data
+            if len(data) < len(_BOM) and _BOM.startswith(data):
+                self._head = data
+                return []
+            self._head = b""
+            self._at_start = False
+            if data.startswith(_BOM):
+                data = data[len(_BOM) :]
+        if self._cr_pending and data:
+            self._cr_pending = False
+            if data[0] == _LF:
+                data = data[1:]
+        if not data:
+            return []
+        if b"\r" in data:
+            # A trailing CR already ends its line here (no waiting for the next chunk, which
+            # would delay the event); the flag only stops a following LF making a blank line.
+            self._cr_pending = data[-1] == _CR
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if not lines:
+            self._extend_partial(tail)
+            return []
+        if self._partial:
+            lines[0] = bytes(self._partial) + lines[0]
+            self._partial.clear()
+        events: list[SSEEvent] = []
+        for line in lines:
+            if self._skipping:
+                if not line:
+                    self._skipping = False
+                    self._reset_event()
+                continue
+            if not line:
+                if self._data:
+                    events.append(self._dispatch())
+                else:
+                    self._reset_event()
+                continue
+            if line[0] == _COLON:
+                continue
+            self._event_bytes += len(line)
+            if self._event_bytes > self.max_event_bytes:
+                self._overflow()
+                continue
+            self._field(line)
+        if tail:
+            self._extend_partial(tail)
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of the stream: discard any unterminated event, as the standard requires.
+
+        Returns the events the end of the stream completes, which with this parser is always
+        none: a final CR is acted on when it arrives rather than held back. The parser may
+        be fed again afterwards as a new stream (a reconnection): the BOM check restarts and
+        `last_event_id`, `retry`, `overflowed` and `bytes_seen` carry over.
+        """
+        self._reset_stream()
+        return []
+
+    def _extend_partial(self, data: bytes) -> None:
+        partial = self._partial
+        if self._skipping:
+            # Only whether the line is non-empty matters: its end must not look blank.
+            if not partial:
+                partial += data[:1]
+            return
+        if partial[:1] == b":" or (not partial and data[:1] == b":"):
+            # A comment is ignored whatever it says, so a long one is never buffered.
+            if not partial:
+                partial += b":"
+            return
+        if self._event_bytes + len(partial) + len(data) > self.max_event_bytes:
+            self._overflow()
+            partial.clear()
+            partial += b"x"
+            return
+        partial += data
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._skipping = True
+        self._reset_event()
+
+    def _field(self, line: bytes) -> None:
+        colon = line.find(b":")
+        if colon < 0:
+            name = line
+            value = b""
+        else:
+            name = line[:colon]
+            start = colon + 1
+            if line[start : start + 1] == b" ":
+                start += 1
+            value = line[start:]
+        # Names compare as bytes: a name with invalid UTF-8 could only decode to something
+        # containing U+FFFD, which matches none of these anyway.
+        if name == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
+        elif name == b"event":
+            self._event_type = value.decode("utf-8", "replace")
+        elif name == b"id":
+            if b"\x00" not in value:
+                self.last_event_id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():  # bytes.isdigit: ASCII digits only
+            try:
+                retry = int(value)
+            except ValueError:  # more digits than int() accepts: not a usable delay either
+                return
+            self.retry = self._event_retry = retry
+
+    def _dispatch(self) -> SSEEvent:
+        event = SSEEvent(
+            "\n".join(self._data),
+            self._event_type or "message",
+            self.last_event_id,
+            self._event_retry,
+        )
+        self._reset_event()
+        return event
