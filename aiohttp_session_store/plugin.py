@@ -49,6 +49,15 @@ class SessionStore:
     async def open(self) -> None:
         await self.manager.open()
 
+    def query_app(self, *, token: str) -> web.Application:
+        """A read-only JSON API over this store, to mount with `app.add_subapp`.
+
+        Every request needs `Authorization: Bearer <token>`.
+        """
+        from .query import create_query_app
+
+        return create_query_app(self.manager, token=token)
+
     async def flush(self) -> None:
         """Wait until every record and session change queued so far is committed."""
         await self.manager.writer.flush()

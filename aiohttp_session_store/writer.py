@@ -62,6 +62,7 @@ class RecordWriter:
         self._responses: list[ResponseRecord] = []
         # What the current commit holds, so reads still see it while the commit runs.
         self._inflight_sessions: dict[str, Session | _Deleted] = {}
+        self._inflight_records = 0
 
         self._enqueued = 0  # sequence number of the last item handed over
         self._committed = 0  # every item up to this sequence number is settled
@@ -175,7 +176,7 @@ class RecordWriter:
         try:
             await asyncio.wait_for(self.flush(), self._close_timeout)
         except (asyncio.TimeoutError, StoreWriteError, RuntimeError):
-            lost = self.pending + len(self._sessions)
+            lost = self.pending + self._inflight_records
             if lost:
                 log.error("closing with %d records not committed (storage failing)", lost)
                 self.records_dropped += lost
@@ -194,6 +195,9 @@ class RecordWriter:
             responses=self._responses,
         )
         self._inflight_sessions = self._sessions
+        self._inflight_records = len(batch.requests) + len(batch.upstream_requests) + len(
+            batch.responses
+        )
         self._sessions = {}
         self._requests, self._upstream, self._responses = [], [], []
         return batch, self._enqueued
@@ -225,6 +229,7 @@ class RecordWriter:
             if len(batch):
                 await self._commit(batch)
             self._inflight_sessions = {}
+            self._inflight_records = 0
             self._settle(upto)
 
     async def _commit(self, batch: WriteBatch) -> None:

@@ -291,16 +291,25 @@ async def test_read_only_reads_but_cannot_write(pg_schema: str) -> None:
         assert reader.read_only
         assert (await reader.get_session("s")) is not None
         assert await reader.count_sessions() == 1
+        writes: list[Awaitable[object]] = [
+            reader.insert_session(session("t")),
+            reader.touch_session("s", now=2_000, expires_at=10**13),
+            reader.advance_session("s", "p", now=2_000, expires_at=10**13),
+            reader.set_chat_id("s", "c", now=2_000),
+            reader.delete_session("s"),
+            reader.delete_expired_sessions(10**14, 10),
+            reader.clear_sessions(),
+            reader.write_batch(WriteBatch(requests=[request("r1")])),
+            reader.delete_records_before(10**14, 10),
+            reader.migrate(),
+        ]
+        for write in writes:
+            with pytest.raises(StoreError, match="read-only"):
+                await write
+        # Behind that check, the server itself refuses: every connection of the pool opens
+        # with default_transaction_read_only=on.
         with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-            await reader.insert_session(session("t"))
-        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-            await reader.advance_session("s", "p", now=2_000, expires_at=10**13)
-        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-            await reader.write_batch(WriteBatch(requests=[request("r1")]))
-        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-            await reader.delete_expired_sessions(10**14, 10)
-        with pytest.raises(StoreError):
-            await reader.migrate()
+            await reader._pool.execute("DELETE FROM sessions")
         assert await reader.count_sessions() == 1
     finally:
         await reader.close()
@@ -331,7 +340,7 @@ async def test_newer_schema_version_is_refused_untouched(pg_schema: str) -> None
         older = PostgresBackend(PG_DSN, schema=pg_schema, read_only=read_only)
         with pytest.raises(SchemaVersionError, match="newer"):
             await older.open()
-        with pytest.raises(RuntimeError, match="not open"):
+        with pytest.raises(StoreError, match="not open"):
             await older.get_session("s")
         await older.close()
 
@@ -369,3 +378,24 @@ async def test_failing_migration_leaves_nothing_half_done(pg_schema: str) -> Non
     assert rows[0]["gone"]
     rows = await sql(pg_schema, "SELECT value FROM metadata WHERE key = $1", SCHEMA_VERSION_KEY)
     assert [r["value"] for r in rows] == ["1"]
+
+
+# -- connecting -------------------------------------------------------------------------
+
+
+async def test_unreachable_server_is_a_store_error() -> None:
+    # Port 1 on localhost: nothing listens there, the connection is refused at once.
+    backend = PostgresBackend("postgresql://postgres@127.0.0.1:1/test", command_timeout=5)
+    with pytest.raises(StoreError, match="cannot connect"):
+        await backend.open()
+    await backend.close()
+
+
+async def test_missing_database_read_only_is_not_found(pg_schema: str) -> None:
+    missing = PG_DSN.rsplit("/", 1)[0] + "/no_such_db_" + pg_schema
+    reader = PostgresBackend(missing, read_only=True)
+    with pytest.raises(DatabaseNotFoundError):
+        await reader.open()
+    writer = PostgresBackend(missing)
+    with pytest.raises(StoreError, match="cannot connect"):
+        await writer.open()

@@ -153,6 +153,12 @@ class Backend(abc.ABC):
     async def response_facts(self, query: RequestQuery) -> list[ResponseFact]:
         """Measurable fields of the responses whose request matches `query`."""
 
+    async def backup(self, destination: str) -> None:
+        """Write a consistent copy of the store to `destination` while it is in use."""
+        raise NotImplementedError(
+            f"the {self.name} backend has no built-in backup; use the database's own tools"
+        )
+
     async def get_request(self, request_id: str) -> RequestRecord | None:
         exchange = await self.get_exchange(request_id)
         return exchange.request if exchange else None

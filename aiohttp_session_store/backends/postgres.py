@@ -354,6 +354,9 @@ class PostgresBackend(Backend):
                 f"invalid PostgreSQL schema name {schema!r}: 1 to 63 characters of"
                 " [A-Za-z0-9_], not starting with a digit"
             )
+        versions = [m.version for m in migrations]
+        if len(set(versions)) != len(versions) or any(v <= 0 for v in versions):
+            raise ValueError(f"migration versions must be unique and positive, got {versions}")
         self._dsn = dsn
         self._read_only = read_only
         self._migrations = tuple(sorted(migrations, key=lambda m: m.version))
@@ -377,8 +380,19 @@ class PostgresBackend(Backend):
 
     def _require_pool(self) -> Any:
         if self._pool is None:
-            raise RuntimeError("PostgresBackend is not open: await backend.open() first")
+            raise StoreError(f"{self!r} is not open: await backend.open() first")
         return self._pool
+
+    def _writable(self) -> Any:
+        """The pool, for a write; refused up front in read-only mode.
+
+        The server would refuse too (default_transaction_read_only), but with an asyncpg
+        error type; this gives callers the same `StoreError` as the SQLite backend.
+        """
+        pool = self._require_pool()
+        if self._read_only:
+            raise StoreError(f"{self!r} is open read-only")
+        return pool
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -405,7 +419,16 @@ class PostgresBackend(Backend):
         except asyncpg.InvalidCatalogNameError as exc:
             if self._read_only:
                 raise DatabaseNotFoundError(f"no such PostgreSQL database: {exc}") from exc
-            raise
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        except (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as exc:
+            # One error type for "the store is not reachable" (the CLI prints it as one line);
+            # asyncpg's messages name the host, never the password of the DSN.
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         self._pool = pool
         try:
             if self._read_only:
@@ -455,11 +478,10 @@ class PostgresBackend(Backend):
         return [(m.version, m.name) for m in self._migrations if m.version > current]
 
     async def migrate(self) -> list[tuple[int, str]]:
-        if self._read_only:
-            raise StoreError("a read-only PostgresBackend cannot migrate")
+        pool = self._writable()
         latest = latest_version(self._migrations)
         applied: list[tuple[int, str]] = []
-        async with self._require_pool().acquire() as conn:
+        async with pool.acquire() as conn:
             while True:
                 # One transaction per migration: the lock, a fresh look at the version (another
                 # instance may have migrated while we waited), the DDL and the version bump
@@ -531,7 +553,7 @@ class PostgresBackend(Backend):
         return None if row is None else _session(row)
 
     async def insert_session(self, session: Session) -> Session:
-        pool = self._require_pool()
+        pool = self._writable()
         args = _session_args(session)
         # The conflicting row could be deleted (swept, deleted by another instance) between
         # the INSERT that lost and the SELECT; then inserting again is right. Bounded only
@@ -546,7 +568,7 @@ class PostgresBackend(Backend):
         raise StoreError(f"session {session.id!r} kept vanishing while being created")
 
     async def touch_session(self, session_id: str, *, now: int, expires_at: int) -> Session | None:
-        row = await self._require_pool().fetchrow(
+        row = await self._writable().fetchrow(
             "UPDATE sessions SET last_accessed = $2, expires_at = $3"
             f" WHERE id = $1 AND expires_at > $2 RETURNING {_S_COLS}",
             _text(session_id),
@@ -559,10 +581,12 @@ class PostgresBackend(Backend):
         self, session_id: str, parent_id: str | None, *, now: int, expires_at: int
     ) -> Session | None:
         # One statement: the row lock makes concurrent turns from several instances queue,
-        # and each sees the count the previous one committed, so no increment is lost.
-        row = await self._require_pool().fetchrow(
+        # and each sees the count the previous one committed, so no increment is lost. An
+        # expired row is left alone (the caller treats it as gone).
+        row = await self._writable().fetchrow(
             "UPDATE sessions SET parent_id = $2, last_accessed = $3, expires_at = $4,"
-            f" message_count = message_count + 1 WHERE id = $1 RETURNING {_S_COLS}",
+            " message_count = message_count + 1"
+            f" WHERE id = $1 AND expires_at > $3 RETURNING {_S_COLS}",
             _text(session_id),
             _text(parent_id),
             now,
@@ -571,7 +595,7 @@ class PostgresBackend(Backend):
         return None if row is None else _session(row)
 
     async def set_chat_id(self, session_id: str, chat_id: str | None, *, now: int) -> bool:
-        status = await self._require_pool().execute(
+        status = await self._writable().execute(
             "UPDATE sessions SET chat_id = $2, last_accessed = $3 WHERE id = $1",
             _text(session_id),
             _text(chat_id),
@@ -580,7 +604,7 @@ class PostgresBackend(Backend):
         return _count(status) > 0
 
     async def delete_session(self, session_id: str) -> bool:
-        status = await self._require_pool().execute(
+        status = await self._writable().execute(
             "DELETE FROM sessions WHERE id = $1", _text(session_id)
         )
         return _count(status) > 0
@@ -591,7 +615,7 @@ class PostgresBackend(Backend):
         # SKIP LOCKED: sweeps from several instances at once each take rows no other sweep
         # holds, so they neither wait on nor error over one another, and no id is reported
         # twice. Returned in expiry order for a deterministic answer.
-        rows = await self._require_pool().fetch(
+        rows = await self._writable().fetch(
             "WITH gone AS (DELETE FROM sessions WHERE id IN ("
             "SELECT id FROM sessions WHERE expires_at <= $1"
             f" ORDER BY expires_at, {_ID_ASC} LIMIT $2 FOR UPDATE SKIP LOCKED)"
@@ -603,7 +627,7 @@ class PostgresBackend(Backend):
         return [str(row["id"]) for row in rows]
 
     async def clear_sessions(self) -> int:
-        return _count(await self._require_pool().execute("DELETE FROM sessions"))
+        return _count(await self._writable().execute("DELETE FROM sessions"))
 
     async def count_sessions(self, *, active_at: int | None = None) -> int:
         pool = self._require_pool()
@@ -649,7 +673,7 @@ class PostgresBackend(Backend):
         requests = [_request_args(r) for r in batch.requests]
         upstream = [(_text(rid), _text(body)) for rid, body in batch.upstream_requests]
         responses = [_response_args(r) for r in batch.responses]
-        pool = self._require_pool()
+        pool = self._writable()
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             try:
                 async with pool.acquire() as conn, conn.transaction():
@@ -677,7 +701,7 @@ class PostgresBackend(Backend):
     async def delete_records_before(self, cutoff: int, limit: int) -> int:
         if limit <= 0:
             return 0
-        async with self._require_pool().acquire() as conn, conn.transaction():
+        async with self._writable().acquire() as conn, conn.transaction():
             # SKIP LOCKED: concurrent retention sweeps from several instances split the work
             # instead of queueing on (or double-counting) the same rows.
             rows = await conn.fetch(

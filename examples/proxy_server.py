@@ -1,0 +1,689 @@
+"""An OpenAI-compatible aiohttp proxy, with sessions and recording added by `setup()`.
+
+The proxy is built the way one usually is: one handler for ``POST /v1/chat/completions``, a
+shared ``aiohttp.ClientSession`` to talk to the upstream, and streaming with a plain
+``web.StreamResponse``. The one line that adds sessions and request/response records is
+``aiohttp_session_store.setup(app, ...)``; the handler then reads the conversation's session
+with ``get_session(request)``.
+
+Two modes:
+
+``stateful`` (the default without ``--upstream``)
+    For an upstream that keeps the conversation itself, such as Qwen's web chat (see
+    ``fake_upstream.py``). Clients resend the whole history each turn; the proxy sends only
+    the new message with the ``parent_id`` stored in the session, and stores the next one
+    from the reply. A new session first creates an upstream chat and stores its ``chat_id``.
+
+``openai`` (the default with ``--upstream``)
+    Forwards each request as is to an OpenAI-compatible API (``--upstream`` is its base URL,
+    as the openai client takes it, e.g. ``https://api.openai.com/v1``) and streams the reply
+    back unchanged. Sessions and records still happen, in the middleware.
+
+Run it offline, against a fake upstream started in the same process::
+
+    python examples/proxy_server.py
+    curl -N localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "qwen-fake", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+
+then look at what was recorded with ``python -m aiohttp_session_store --db data/sessions.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import aiohttp
+import fake_upstream  # a sibling script: Python puts the script's directory on sys.path
+from aiohttp import web
+from multidict import CIMultiDict
+
+from aiohttp_session_store import (
+    StoreConfig,
+    get_session,
+    get_store,
+    mark_upstream_error,
+    set_upstream,
+    setup,
+)
+
+log: Final = logging.getLogger("proxy_server")
+
+Mode = Literal["stateful", "openai"]
+MODES: Final[tuple[Mode, ...]] = ("stateful", "openai")
+DEFAULT_MODEL: Final = "qwen-fake"
+UPSTREAM_KEY_ENV: Final = "UPSTREAM_API_KEY"
+
+# Streams can legitimately run for minutes, so no total timeout: a connect timeout, and a
+# read timeout that catches an upstream that stops sending without closing.
+UPSTREAM_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+
+# Hop-by-hop and body-framing headers are the proxy's own business on each leg, never forwarded.
+# Accept-Encoding is dropped too: the client session decompresses, and the bytes are
+# forwarded as they were decoded.
+_NOT_FORWARDED: Final = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+        "authorization",
+    }
+)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """Where and how to reach the upstream. ``url`` is filled in at startup for the fake."""
+
+    mode: Mode
+    url: str
+    api_key: str | None = None
+
+    def endpoint(self, path: str) -> str:
+        return self.url.rstrip("/") + path
+
+
+class UpstreamError(Exception):
+    """The upstream answered with an error, or its reply could not be used."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+@dataclass(slots=True)
+class _LockEntry:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, kept only while someone holds or waits for it.
+
+    Guards the creation of an upstream chat per session: two first turns of one
+    conversation arriving together must not create two chats. (Per process: several proxy
+    instances sharing one PostgreSQL store would need the lock in the database instead.)
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _LockEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._entries.setdefault(key, _LockEntry())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._entries[key]
+
+
+UPSTREAM: Final = web.AppKey("proxy_upstream", Upstream)
+HTTP: Final = web.AppKey("proxy_http", aiohttp.ClientSession)
+CHAT_LOCKS: Final = web.AppKey("proxy_chat_locks", KeyedLocks)
+#: The in-process fake upstream's app, when the proxy started one (tests inspect it).
+FAKE_UPSTREAM: Final = web.AppKey("proxy_fake_upstream", web.Application)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def openai_error(
+    status: int, message: str, type_: str = "invalid_request_error", code: str | None = None
+) -> web.Response:
+    """An error body in the shape OpenAI clients parse."""
+    return web.json_response(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}, status=status
+    )
+
+
+def text_of(content: object) -> str:
+    """The text of a message's content: a string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def last_user_text(body: Mapping[str, Any]) -> str | None:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return text_of(message.get("content"))
+    return None
+
+
+def upstream_headers(request: web.Request, upstream: Upstream) -> dict[str, str]:
+    """Authorization for the upstream: the proxy's key, else whatever the client sent."""
+    if upstream.api_key:
+        return {"Authorization": f"Bearer {upstream.api_key}"}
+    client_auth = request.headers.get("Authorization")
+    return {"Authorization": client_auth} if client_auth else {}
+
+
+def error_detail(status: int, text: str) -> tuple[str, str | None]:
+    """The message and code of an upstream error body (Qwen's or OpenAI's shape, or raw)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error, data = body.get("error"), body.get("data")
+        if isinstance(error, dict) and error.get("message"):
+            code = error.get("code")
+            return str(error["message"]), str(code) if code is not None else None
+        if isinstance(data, dict) and (data.get("details") or data.get("code")):
+            code = data.get("code")
+            return str(data.get("details") or code), str(code) if code is not None else None
+    return (text.strip()[:500] or f"HTTP {status}"), None
+
+
+def client_status_for(upstream_status: int, *, client_credentials: bool) -> int:
+    """The status the client gets for an upstream error.
+
+    A 4xx is about the request, so the client gets it as is (a 400 for a broken parent
+    chain, a 429 to back off), except 401/403 caused by the proxy's own key: the client's
+    credentials are fine, so that is a gateway failure. Upstream 5xx are a 502.
+    """
+    if upstream_status in (401, 403) and not client_credentials:
+        return 502
+    if 400 <= upstream_status < 500:
+        return upstream_status
+    return 502
+
+
+async def raise_for_upstream(request: web.Request, resp: aiohttp.ClientResponse) -> None:
+    if resp.status < 400:
+        return
+    text = await resp.text(errors="replace")
+    set_upstream(request, response_body=text)
+    message, code = error_detail(resp.status, text)
+    raise UpstreamError(resp.status, f"upstream returned {resp.status}: {message}", code)
+
+
+def error_reply(request: web.Request, exc: UpstreamError) -> web.Response:
+    upstream = request.app[UPSTREAM]
+    status = client_status_for(
+        exc.status, client_credentials=not upstream.api_key and "Authorization" in request.headers
+    )
+    mark_upstream_error(request, exc.message)
+    type_ = "invalid_request_error" if status < 500 else "upstream_error"
+    return openai_error(status, exc.message, type_, exc.code)
+
+
+async def upstream_failed(
+    request: web.Request, response: web.StreamResponse | None, url: str, exc: Exception
+) -> web.StreamResponse:
+    """The reply when talking to the upstream failed: a 502, or an error event mid-stream."""
+    if isinstance(exc, (aiohttp.ClientConnectorError, asyncio.TimeoutError)):
+        message, code = f"cannot reach the upstream at {url}: {exc!r}", "upstream_unreachable"
+    elif isinstance(exc, aiohttp.ClientError):
+        message, code = f"the reply from the upstream at {url} broke off: {exc!r}", None
+    else:  # ValueError: not the JSON this upstream speaks
+        message, code = f"unreadable reply from the upstream at {url}: {exc!r}", None
+    if response is not None:
+        await end_with_error(request, response, message)
+        return response
+    log.warning("%s", message)
+    mark_upstream_error(request, message)
+    return openai_error(502, message, "upstream_error", code)
+
+
+async def iter_sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The ``data`` of each server-sent event, multi-line data joined with newlines."""
+    data: list[str] = []
+    async for raw in content:  # line by line
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        # event:, id:, retry: and comments carry nothing these upstreams use.
+    if data:
+        yield "\n".join(data)
+
+
+async def open_event_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    return response
+
+
+async def send_event(response: web.StreamResponse, payload: object) -> None:
+    await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+
+
+async def end_with_error(request: web.Request, response: web.StreamResponse, message: str) -> None:
+    """End a started stream that broke: an error event (the openai client raises on it)."""
+    log.warning("%s", message)
+    mark_upstream_error(request, message)
+    await send_event(
+        response, {"error": {"message": message, "type": "upstream_error", "code": None}}
+    )
+    await response.write_eof()
+
+
+# --------------------------------------------------------------------------- stateful mode
+
+
+@dataclass(slots=True)
+class Completion:
+    """One OpenAI-side reply being built: identity, and what the upstream has said so far."""
+
+    model: str
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    content: list[str] = field(default_factory=list)
+    usage: dict[str, int] | None = None
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    def openai_usage(self) -> dict[str, int]:
+        usage = self.usage or {}
+        return {
+            "prompt_tokens": usage.get("input_tokens", 0),
+            "completion_tokens": usage.get("output_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+        }
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(self.content)},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": self.openai_usage(),
+        }
+
+
+async def ensure_upstream_chat(
+    request: web.Request, session_id: str, model: str
+) -> tuple[str, str | None]:
+    """The session's (chat_id, parent_id), creating the upstream chat on its first turn."""
+    manager = get_store(request).manager
+    async with request.app[CHAT_LOCKS].hold(session_id):
+        # Re-read inside the lock: a concurrent first turn may have created the chat while
+        # this one waited (the session snapshot taken before the handler cannot show that).
+        session = await manager.get_session(session_id)
+        if session is not None and session.chat_id is not None:
+            return session.chat_id, session.parent_id
+        upstream = request.app[UPSTREAM]
+        title = (session.first_user_message if session else "New Chat")[:50] or "New Chat"
+        async with request.app[HTTP].post(
+            upstream.endpoint("/api/v2/chats/new"),
+            json={
+                "title": title,
+                "models": [model],
+                "chat_mode": "normal",
+                "chat_type": "t2t",
+                "timestamp": int(time.time() * 1000),
+            },
+            headers=upstream_headers(request, upstream),
+        ) as resp:
+            await raise_for_upstream(request, resp)
+            reply = await resp.json(content_type=None)
+        chat_id = reply.get("data", {}).get("id") if isinstance(reply, dict) else None
+        if not isinstance(chat_id, str):
+            raise UpstreamError(502, f"upstream chat creation returned no chat id: {reply!r:.200}")
+        await manager.set_chat_id(session_id, chat_id)
+        log.info("session %s: new upstream chat %s", session_id, chat_id)
+        return chat_id, None
+
+
+def qwen_request(
+    chat_id: str, parent_id: str | None, text: str, model: str, stream: bool
+) -> dict[str, Any]:
+    """A Qwen web chat completion request: only the new message, attached to ``parent_id``."""
+    return {
+        "stream": stream,
+        "incremental_output": True,
+        "chat_id": chat_id,
+        "chat_mode": "normal",
+        "model": model,
+        "parent_id": parent_id,
+        "messages": [
+            {
+                "role": "user",
+                "content": text,
+                "user_action": "chat",
+                "files": [],
+                "chat_type": "t2t",
+                "parent_id": parent_id,
+            }
+        ],
+        "timestamp": int(time.time()),
+    }
+
+
+async def stateful_completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    session = get_session(request)
+    if session is None:
+        return openai_error(400, "'messages' must include a user message with text.")
+    text = last_user_text(body)
+    if not text:
+        return openai_error(400, "the last user message has no text.")
+    model = str(body.get("model") or DEFAULT_MODEL)
+    stream = body.get("stream") is True
+    upstream = request.app[UPSTREAM]
+    manager = get_store(request).manager
+    completion = Completion(model=model)
+    response: web.StreamResponse | None = None
+    url = upstream.url
+    try:
+        if session.chat_id is None:
+            url = upstream.endpoint("/api/v2/chats/new")
+            chat_id, parent_id = await ensure_upstream_chat(request, session.id, model)
+        else:
+            chat_id, parent_id = session.chat_id, session.parent_id
+        upstream_body = qwen_request(chat_id, parent_id, text, model, stream)
+        set_upstream(request, request_body=upstream_body)
+        url = upstream.endpoint("/api/v2/chat/completions")
+        async with request.app[HTTP].post(
+            url,
+            params={"chat_id": chat_id},
+            json=upstream_body,
+            headers=upstream_headers(request, upstream),
+        ) as resp:
+            await raise_for_upstream(request, resp)
+
+            if not stream:
+                reply = await resp.json(content_type=None)
+                set_upstream(request, response_body=reply)
+                data = reply.get("data") if isinstance(reply, dict) else None
+                if not isinstance(data, dict) or not isinstance(data.get("parent_id"), str):
+                    raise UpstreamError(
+                        502, f"upstream reply has no data.parent_id: {reply!r:.200}"
+                    )
+                await manager.update_parent_id(session.id, data["parent_id"])
+                choices = data.get("choices") or [{}]
+                completion.content.append(text_of(choices[0].get("message", {}).get("content")))
+                completion.usage = data.get("usage")
+                log.info("session %s: %s -> %s", session.id, parent_id, data["parent_id"])
+                return web.json_response(completion.message())
+
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            raw_events: list[str] = []
+            new_parent: str | None = None
+            finished = False
+            async for data_text in iter_sse_data(resp.content):
+                raw_events.append(data_text)
+                if data_text == "[DONE]":
+                    break
+                event = json.loads(data_text)
+                if not isinstance(event, dict):
+                    continue
+                if "response.created" in event:
+                    new_parent = event["response.created"].get("parent_id")
+                    if isinstance(new_parent, str):
+                        # Stored as soon as the upstream announces it: the upstream keeps
+                        # the turn even if the stream breaks later.
+                        await manager.update_parent_id(session.id, new_parent)
+                        log.info("session %s: %s -> %s", session.id, parent_id, new_parent)
+                    continue
+                if "error" in event:
+                    message, code = error_detail(502, data_text)
+                    raise UpstreamError(502, f"upstream stream error: {message}", code)
+                if response is None:
+                    response = await open_event_stream(request)
+                    first = completion.chunk({"role": "assistant", "content": ""})
+                    await send_event(response, with_usage_field(first, include_usage))
+                completion.usage = event.get("usage") or completion.usage
+                delta = (event.get("choices") or [{}])[0].get("delta", {})
+                if delta.get("content"):
+                    completion.content.append(delta["content"])
+                    chunk = completion.chunk({"content": delta["content"]})
+                    await send_event(response, with_usage_field(chunk, include_usage))
+                if delta.get("status") == "finished":
+                    finished = True
+                    break
+            set_upstream(request, response_body="".join(f"data: {e}\n\n" for e in raw_events))
+            if new_parent is None:
+                raise UpstreamError(502, "upstream stream carried no response.created parent_id")
+            if not finished:
+                raise UpstreamError(502, "upstream stream ended before the reply finished")
+            if response is None:  # a finished reply with no content at all
+                response = await open_event_stream(request)
+            await send_event(
+                response, with_usage_field(completion.chunk({}, "stop"), include_usage)
+            )
+            if include_usage:
+                await send_event(
+                    response,
+                    {**completion.chunk({}), "choices": [], "usage": completion.openai_usage()},
+                )
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+    except ConnectionResetError:
+        raise  # the client went away: the middleware records it; leaving closes the upstream
+    except UpstreamError as exc:
+        if response is not None:
+            await end_with_error(request, response, exc.message)
+            return response
+        return error_reply(request, exc)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return await upstream_failed(request, response, url, exc)
+
+
+def with_usage_field(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+    # With include_usage, OpenAI sends "usage": null on every chunk but the last.
+    return {**chunk, "usage": None} if include_usage else chunk
+
+
+# --------------------------------------------------------------------------- openai mode
+
+
+async def forward_completion(request: web.Request, raw: bytes) -> web.StreamResponse:
+    """Send the request to an OpenAI-compatible upstream as is; relay the reply unchanged."""
+    upstream = request.app[UPSTREAM]
+    url = upstream.endpoint("/chat/completions")
+    headers = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED
+    )
+    headers.update(upstream_headers(request, upstream))
+    set_upstream(request, request_body=raw)
+    response: web.StreamResponse | None = None
+    try:
+        async with request.app[HTTP].post(url, data=raw, headers=headers) as resp:
+            await raise_for_upstream(request, resp)
+            if resp.content_type != "text/event-stream":
+                data = await resp.read()
+                set_upstream(request, response_body=data)
+                return web.Response(body=data, status=resp.status, content_type=resp.content_type)
+            response = web.StreamResponse(
+                status=resp.status,
+                headers={"Content-Type": resp.headers["Content-Type"], "Cache-Control": "no-cache"},
+            )
+            await response.prepare(request)
+            received = bytearray()
+            async for chunk in resp.content.iter_any():
+                received += chunk
+                await response.write(chunk)
+            set_upstream(request, response_body=bytes(received))
+            await response.write_eof()
+            return response
+    except ConnectionResetError:
+        raise  # the client went away
+    except UpstreamError as exc:
+        return error_reply(request, exc)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return await upstream_failed(request, response, url, exc)
+
+
+# --------------------------------------------------------------------------- routes and app
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return openai_error(400, "the body must be a JSON object with a 'messages' list.")
+    if request.app[UPSTREAM].mode == "openai":
+        return await forward_completion(request, raw)
+    return await stateful_completion(request, body)
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: liveness, with the mode and the number of live sessions."""
+    upstream = request.app[UPSTREAM]
+    return web.json_response(
+        {
+            "status": "ok",
+            "mode": upstream.mode,
+            "upstream": upstream.url,
+            "active_sessions": await get_store(request).manager.get_session_count(),
+        }
+    )
+
+
+async def http_client(app: web.Application) -> AsyncIterator[None]:
+    """One client session for every upstream call: connection pooling, closed on shutdown."""
+    async with aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT) as session:
+        app[HTTP] = session
+        yield
+
+
+def fake_upstream_ctx(
+    fake: web.Application,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Serve ``fake`` on an ephemeral 127.0.0.1 port for the app's lifetime (offline mode)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(fake, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            base = f"http://{host}:{port}"
+            upstream = app[UPSTREAM]
+            upstream.url = base + "/v1" if upstream.mode == "openai" else base
+            log.info("fake %s upstream listening on %s", upstream.mode, upstream.url)
+            yield
+        finally:
+            await runner.cleanup()
+
+    return ctx
+
+
+def create_app(
+    *,
+    db: str | os.PathLike[str] = "data/sessions.db",
+    upstream: str | None = None,
+    upstream_key: str | None = None,
+    mode: Mode | None = None,
+    config: StoreConfig | None = None,
+) -> web.Application:
+    """The proxy. Without ``upstream``, it serves a fake upstream itself (stateful by default)."""
+    resolved: Mode = mode or ("stateful" if upstream is None else "openai")
+    if resolved not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    app = web.Application()
+    app[UPSTREAM] = Upstream(mode=resolved, url=upstream or "", api_key=upstream_key)
+    app[CHAT_LOCKS] = KeyedLocks()
+    if upstream is None:
+        fake = fake_upstream.create_app(api_key=upstream_key, delta_delay=0.05)
+        app[FAKE_UPSTREAM] = fake
+        app.cleanup_ctx.append(fake_upstream_ctx(fake))
+    app.cleanup_ctx.append(http_client)
+    setup(app, database=db, config=config)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/health", health)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="OpenAI-compatible proxy with conversation sessions and recording."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--db", default="data/sessions.db", help="SQLite path or database URL")
+    parser.add_argument(
+        "--upstream",
+        default=None,
+        help="upstream base URL (default: a fake stateful upstream in this process)",
+    )
+    parser.add_argument(
+        "--upstream-key",
+        default=os.environ.get(UPSTREAM_KEY_ENV),
+        help=f"bearer key for the upstream (default: ${UPSTREAM_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="stateful: send only the new message with the session's parent_id; "
+        "openai: forward as is (default: stateful without --upstream, openai with it)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if "://" not in args.db:
+        Path(args.db).parent.mkdir(parents=True, exist_ok=True)
+    app = create_app(
+        db=args.db, upstream=args.upstream, upstream_key=args.upstream_key, mode=args.mode
+    )
+    # run_app handles Ctrl-C and SIGTERM: it stops accepting, lets running calls finish
+    # (up to shutdown_timeout), then runs the cleanup contexts (store flushed, client closed).
+    web.run_app(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
