@@ -82,4 +82,3 @@ class StoreConfig:
         from dataclasses import replace
 
         return replace(self, **changes)
-

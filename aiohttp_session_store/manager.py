@@ -204,9 +204,12 @@ class SessionManager:
             )
             if touched is None:
                 stale = await self.backend.get_session(session_id)
-                if stale is not None and stale.is_expired(now):
-                    if await self.backend.delete_session(session_id):
-                        self.total_cleaned += 1
+                if (
+                    stale is not None
+                    and stale.is_expired(now)
+                    and await self.backend.delete_session(session_id)
+                ):
+                    self.total_cleaned += 1
                 return None
             self._remember(touched)
             return touched

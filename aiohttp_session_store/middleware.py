@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -40,8 +40,10 @@ log: Final = logging.getLogger("aiohttp_session_store.middleware")
 SESSION_KEY: Final = "aiohttp_session_store.session"
 RECORDING_KEY: Final = "aiohttp_session_store.recording"
 
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Middleware
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 _UNSET: Final[Any] = object()
 _REDACTED: Final = "[REDACTED]"
@@ -109,18 +111,21 @@ class _Recorder:
             except (ValueError, RecursionError):
                 value = None
             if value is None:
-                text, cut = body_text(raw, self.limit)
-                return stored_text(text, cut, len(raw))
+                decoded, cut = body_text(raw, self.limit)
+                return stored_text(decoded, cut, len(raw))
         if self.config.redact_body is not None and not isinstance(value, str):
             value = self.config.redact_body(value)
-        if not isinstance(value, str):
+        text: str
+        if isinstance(value, str):
+            text = value
+        else:
             try:
-                value = json.dumps(value, ensure_ascii=False, default=str)
+                text = json.dumps(value, ensure_ascii=False, default=str)
             except (ValueError, RecursionError):
-                value = repr(value)
-        encoded = value.encode("utf-8", "surrogatepass")
+                text = repr(value)
+        encoded = text.encode("utf-8", "surrogatepass")
         if len(encoded) <= self.limit:
-            return value
+            return text
         return stored_text(encoded[: self.limit].decode("utf-8", "ignore"), True, len(encoded))
 
     def request_body_text(self, raw: bytes, body: Any) -> str:
@@ -245,7 +250,9 @@ def make_middleware(manager: SessionManager, config: StoreConfig) -> Middleware:
     return session_store_middleware
 
 
-async def _handle(recorder: _Recorder, request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _handle(
+    recorder: _Recorder, request: web.Request, handler: Handler
+) -> web.StreamResponse:
     rec = Recording(
         request_id=uuid.uuid4().hex,
         started=time.perf_counter(),
@@ -268,7 +275,9 @@ async def _handle(recorder: _Recorder, request: web.Request, handler: Handler) -
         try:
             session_id, text = recorder.session_id_for(request, body)
         except InvalidSessionIdError as exc:
-            early = _error_response(400, f"{recorder.config.session_header}: {exc}", "invalid_request_error")
+            early = _error_response(
+                400, f"{recorder.config.session_header}: {exc}", "invalid_request_error"
+            )
         else:
             if session_id is not None:
                 try:
@@ -342,8 +351,10 @@ async def _run_handler(
         raise
     finally:
         try:
-            body = recorder.reply_body(response, rec) if response is not None else (
-                rec.capture.result() if rec.capture is not None else None
+            body = (
+                recorder.reply_body(response, rec)
+                if response is not None
+                else (rec.capture.result() if rec.capture is not None else None)
             )
             recorder.queue_response(rec, status=status, outcome=outcome, body=body, error=error)
         except Exception:
@@ -368,4 +379,3 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     capture = ResponseCapture(limit=rec.limit)
     capture.attach(response)
     rec.capture = capture
-

@@ -149,7 +149,7 @@ class SessionQuery:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestQuery:
-    """Filters over `requests` (all optional, combined with AND); newest first unless `oldest_first`."""
+    """Filters over `requests`, all optional and combined with AND; newest first by default."""
 
     session_id: str | None = None
     model: str | None = None

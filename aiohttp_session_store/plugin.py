@@ -102,9 +102,10 @@ def setup(
     return store
 
 
-def get_store(app_or_request: web.Application | web.BaseRequest) -> SessionStore:
+def get_store(app_or_request: web.Application | web.Request) -> SessionStore:
     """The store `setup()` attached (to the app, or to a request's app or its parents)."""
-    if isinstance(app_or_request, web.BaseRequest):
+    store: SessionStore | None
+    if isinstance(app_or_request, web.Request):
         # config_dict chains a sub-application's state to its parents'.
         store = app_or_request.config_dict.get(STORE_KEY)
     else:

@@ -195,8 +195,8 @@ class RecordWriter:
             responses=self._responses,
         )
         self._inflight_sessions = self._sessions
-        self._inflight_records = len(batch.requests) + len(batch.upstream_requests) + len(
-            batch.responses
+        self._inflight_records = (
+            len(batch.requests) + len(batch.upstream_requests) + len(batch.responses)
         )
         self._sessions = {}
         self._requests, self._upstream, self._responses = [], [], []

@@ -534,23 +534,25 @@ async def forward_completion(request: web.Request, raw: bytes) -> web.StreamResp
     headers.update(upstream_headers(request, upstream))
     set_upstream(request, request_body=raw)
     response: web.StreamResponse | None = None
+    received = bytearray()
     try:
         async with request.app[HTTP].post(url, data=raw, headers=headers) as resp:
             await raise_for_upstream(request, resp)
             if resp.content_type != "text/event-stream":
                 data = await resp.read()
                 set_upstream(request, response_body=data)
+                await count_turn(request, completion_id(data))
                 return web.Response(body=data, status=resp.status, content_type=resp.content_type)
             response = web.StreamResponse(
                 status=resp.status,
                 headers={"Content-Type": resp.headers["Content-Type"], "Cache-Control": "no-cache"},
             )
             await response.prepare(request)
-            received = bytearray()
             async for chunk in resp.content.iter_any():
                 received += chunk
                 await response.write(chunk)
             set_upstream(request, response_body=bytes(received))
+            await count_turn(request, completion_id(received))
             await response.write_eof()
             return response
     except ConnectionResetError:
@@ -558,7 +560,41 @@ async def forward_completion(request: web.Request, raw: bytes) -> web.StreamResp
     except UpstreamError as exc:
         return error_reply(request, exc)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        if received:
+            set_upstream(request, response_body=bytes(received))
         return await upstream_failed(request, response, url, exc)
+
+
+def completion_id(body: bytes | bytearray) -> str | None:
+    """The ``id`` of a chat.completion body, or of the first chunk of a stream."""
+    if not body.startswith(b"data:"):
+        try:
+            reply = json.loads(body)
+        except ValueError:
+            return None
+        reply_id = reply.get("id") if isinstance(reply, dict) else None
+        return reply_id if isinstance(reply_id, str) else None
+    for line in bytes(body).splitlines():
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+            try:
+                chunk = json.loads(line[5:])
+            except ValueError:
+                continue
+            chunk_id = chunk.get("id") if isinstance(chunk, dict) else None
+            if isinstance(chunk_id, str):
+                return chunk_id
+    return None
+
+
+async def count_turn(request: web.Request, reply_id: str | None) -> None:
+    """Count a completed turn in the session, remembering the reply's id as its parent.
+
+    An OpenAI-compatible upstream keeps no conversation, so there is no chain to follow,
+    but the session still shows how many turns it had and which reply came last.
+    """
+    session = get_session(request)
+    if session is not None:
+        await get_store(request).manager.update_parent_id(session.id, reply_id)
 
 
 # --------------------------------------------------------------------------- routes and app

@@ -33,7 +33,9 @@ PG_UNAVAILABLE = _pg_reachable()
 
 
 def pytest_report_header() -> str:
-    return "postgresql: " + ("available" if PG_UNAVAILABLE is None else f"SKIPPED: {PG_UNAVAILABLE}")
+    return "postgresql: " + (
+        "available" if PG_UNAVAILABLE is None else f"SKIPPED: {PG_UNAVAILABLE}"
+    )
 
 
 @pytest.fixture
@@ -82,14 +84,14 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def backend_factory(
     backend_kind: str, db_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., Backend]]:
+) -> Callable[..., Backend]:
     """Makes (unopened) backends on one store: the same file or the same PG schema."""
     schema = request.getfixturevalue("pg_schema") if backend_kind == "postgres" else None
 
     def factory(**kwargs: object) -> Backend:
         return make_backend(backend_kind, db_path, schema, **kwargs)
 
-    yield factory
+    return factory
 
 
 @pytest.fixture

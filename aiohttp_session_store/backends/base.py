@@ -79,9 +79,7 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def touch_session(
-        self, session_id: str, *, now: int, expires_at: int
-    ) -> Session | None:
+    async def touch_session(self, session_id: str, *, now: int, expires_at: int) -> Session | None:
         """Slide the expiry of a row not expired at `now`; None if missing or expired."""
 
     @abc.abstractmethod
