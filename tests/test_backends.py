@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,6 +160,17 @@ async def test_close_is_idempotent(backend_factory: Callable[..., Backend]) -> N
     await b.close()
 
 
+async def test_concurrent_opens_of_one_instance_connect_once(
+    backend_factory: Callable[..., Backend],
+) -> None:
+    b = backend_factory()
+    await asyncio.gather(b.open(), b.open(), b.open())
+    try:
+        assert await b.schema_version() == latest_version()
+    finally:
+        await b.close()  # a second, leaked connection would fail the run (ResourceWarning)
+
+
 async def test_store_persists_across_instances(backend_factory: Callable[..., Backend]) -> None:
     first = backend_factory()
     await first.open()
@@ -276,6 +288,47 @@ async def test_concurrent_inserts_of_one_id_make_one_row(backend: Backend) -> No
     assert all(r == winner for r in results)
     assert await backend.get_session("race") == winner
     assert await backend.count_sessions() == 1
+
+
+async def test_cancelled_writes_leave_the_backend_consistent(backend: Backend) -> None:
+    # Cancelling callers mid-write (a client disconnecting) must neither wedge the backend
+    # nor leave a half-written batch: each operation lands whole or not at all.
+    await backend.insert_session(make_session("s1"))
+    writes = [
+        asyncio.ensure_future(
+            backend.write_batch(
+                WriteBatch(
+                    requests=[make_request(f"r{i}", ts=T0 + i)],
+                    responses=[make_response(f"r{i}", ts=T0 + i)],
+                )
+            )
+        )
+        for i in range(20)
+    ]
+    advances = [
+        asyncio.ensure_future(
+            backend.advance_session("s1", f"p{i}", now=T0 + i, expires_at=T0 + TTL)
+        )
+        for i in range(20)
+    ]
+    tasks: list[asyncio.Future[Any]] = [*writes, *advances]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for task in tasks[::2]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+    exchanges = await backend.list_exchanges(RequestQuery())
+    assert all(e.response is not None for e in exchanges)  # never a request alone
+    assert len(await backend.response_facts(RequestQuery())) == len(exchanges)
+    # Still usable, and no increment that did land was lost.
+    stored = await backend.get_session("s1")
+    assert stored is not None
+    after = await backend.advance_session("s1", "last", now=T0 + 99, expires_at=T0 + TTL)
+    assert after is not None
+    assert after.message_count == stored.message_count + 1
+    await backend.write_batch(WriteBatch(requests=[make_request("after")]))
+    assert await backend.get_request("after") is not None
 
 
 async def test_concurrent_advances_lose_no_increment(backend: Backend) -> None:
@@ -875,3 +928,27 @@ async def test_sqlite_fallbacks_without_returning(sqlite_without_returning: Back
 
     assert await b.delete_expired_sessions(T0 + TTL, 10) == ["race"]
     assert await b.delete_expired_sessions(T0 + TTL, 10) == []
+
+
+async def test_sqlite_backup_is_a_consistent_openable_copy(tmp_path: Path) -> None:
+    from aiohttp_session_store.backends.sqlite import SQLiteBackend
+    from aiohttp_session_store.errors import StoreError
+
+    source = SQLiteBackend(tmp_path / "live.db")
+    await source.open()
+    try:
+        await source.insert_session(Session("s1", "c1", "p1", "hello", 2, 1, 1, 10**15))
+        dest = tmp_path / "copy.db"
+        await source.backup(str(dest))
+        with pytest.raises(StoreError, match="already exists"):
+            await source.backup(str(dest))
+    finally:
+        await source.close()
+    copy = SQLiteBackend(dest, read_only=True)
+    await copy.open()
+    try:
+        got = await copy.get_session("s1")
+        assert got is not None
+        assert (got.chat_id, got.parent_id, got.message_count) == ("c1", "p1", 2)
+    finally:
+        await copy.close()

@@ -318,6 +318,15 @@ class TestSizeGuard:
         assert events == [SSEEvent("next")]
         assert parser.overflowed
 
+    def test_line_break_right_after_an_overflowed_piece_is_not_a_blank_line(self) -> None:
+        # The overflowed line's bytes are gone, but its end must not pass for a blank line,
+        # or the rest of the oversized event would be parsed as an event of its own.
+        parser = SSEParser(max_event_bytes=100)
+        events = parser.feed(b"data: " + b"x" * 200)
+        events += parser.feed(b"\ndata: rest of the dropped event\n\n")
+        events += parser.feed(b"data: next\n\n")
+        assert events == [SSEEvent("next")]
+
     def test_oversized_line_byte_by_byte(self) -> None:
         stream = b"data: " + b"x" * 50 + b"\r\n\r\n" + b"data: ok\r\n\r\n"
         assert parse(*bytewise(stream), max_event_bytes=20) == [SSEEvent("ok")]

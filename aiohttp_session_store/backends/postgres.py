@@ -365,6 +365,7 @@ class PostgresBackend(Backend):
         self._max_size = max_size
         self._command_timeout = command_timeout
         self._pool: Any = None
+        self._opening = asyncio.Lock()
 
     def __repr__(self) -> str:
         # The DSN may carry a password: never show it.
@@ -397,8 +398,12 @@ class PostgresBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._pool is not None:
-            return
+        # Two concurrent opens must not both build a pool (the loser's would leak).
+        async with self._opening:
+            if self._pool is None:
+                await self._open()
+
+    async def _open(self) -> None:
         # Settings sent in the startup packet are each connection's session defaults, so
         # they survive the `RESET ALL` asyncpg runs when a connection returns to the pool
         # (a SET in an init callback would not).

@@ -100,7 +100,7 @@ _INSERT_SESSION_RETURNING: Final = f"{_INSERT_SESSION} RETURNING {_S_COLS}"
 # The increment happens in SQL, so concurrent turns cannot lose one to a read-modify-write.
 _ADVANCE_SESSION: Final = (
     "UPDATE sessions SET parent_id = ?, last_accessed = ?, expires_at = ?,"
-    " message_count = message_count + 1 WHERE id = ?"
+    " message_count = message_count + 1 WHERE id = ? AND expires_at > ?"
 )
 _TOUCH_SESSION: Final = (
     "UPDATE sessions SET last_accessed = ?, expires_at = ? WHERE id = ? AND expires_at > ?"
@@ -378,6 +378,9 @@ class SQLiteBackend(Backend):
         self._busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # Separate from `_lock` (open() takes that one too): two concurrent open() calls
+        # must not each connect and leak one of the connections.
+        self._opening = asyncio.Lock()
         # Per instance so a test can exercise the pre-3.35 paths on a modern library.
         self._returning = _HAS_RETURNING
 
@@ -396,8 +399,11 @@ class SQLiteBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._db is not None:
-            return
+        async with self._opening:
+            if self._db is None:
+                await self._open()
+
+    async def _open(self) -> None:
         db = await self._connect()
         try:
             async with self._lock:
@@ -434,7 +440,13 @@ class SQLiteBackend(Backend):
             if self._path == ":memory:" or not os.path.isfile(self._path):
                 raise DatabaseNotFoundError(f"no database at {self._path}")
             # mode=ro: SQLite itself refuses to create or write the file.
-            return Path(self._path).resolve().as_uri() + "?mode=ro", True
+            uri = Path(self._path).resolve().as_uri() + "?mode=ro"
+            if not os.path.exists(f"{self._path}-wal"):
+                # No -wal file: no connection has the database open for writing. Even a
+                # read-only WAL open would create -wal/-shm files here; immutable reads
+                # the file as it is and creates nothing.
+                uri += "&immutable=1"
+            return uri, True
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         return self._path, False
@@ -477,6 +489,18 @@ class SQLiteBackend(Backend):
             self._db = None
             await db.close()
 
+    async def backup(self, destination: str) -> None:
+        """A consistent copy via SQLite's online backup API, safe while others write."""
+        target_path = Path(destination)
+        if target_path.exists():
+            raise StoreError(f"{destination} already exists; choose a new path for the backup")
+        db = self._conn()
+        try:
+            async with self._lock, aiosqlite.connect(target_path) as target:
+                await db.backup(target)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot back up {self._path} to {destination}: {exc}") from exc
+
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:
             raise StoreError(f"SQLiteBackend({self._path!r}) is not open")
@@ -495,16 +519,18 @@ class SQLiteBackend(Backend):
         IMMEDIATE takes SQLite's write lock at the start, so a transaction that reads then
         writes can never fail halfway with SQLITE_BUSY because another process wrote first.
         """
-        await db.execute("BEGIN IMMEDIATE")
         try:
+            # Inside the try: a task cancelled while waiting for BEGIN leaves the BEGIN
+            # queued on the connection's thread, and its transaction must be undone too.
+            await db.execute("BEGIN IMMEDIATE")
             yield
             await db.execute("COMMIT")
         except BaseException:
             # Statements run in submission order on the connection's thread, so even if
             # this task is cancelled while waiting, the ROLLBACK is queued before the lock
             # is released and anyone else's BEGIN.
-            # OperationalError means nothing was left to undo: SQLite already rolled back
-            # (some errors do), or a COMMIT whose wait was cancelled went through.
+            # OperationalError means nothing was left to undo: BEGIN failed (busy), SQLite
+            # already rolled back (some errors do), or a cancelled COMMIT went through.
             with contextlib.suppress(sqlite3.OperationalError):
                 await db.execute("ROLLBACK")
             raise
@@ -630,7 +656,7 @@ class SQLiteBackend(Backend):
         self, session_id: str, parent_id: str | None, *, now: int, expires_at: int
     ) -> Session | None:
         return await self._update_returning(
-            _ADVANCE_SESSION, (parent_id, now, expires_at, session_id), session_id
+            _ADVANCE_SESSION, (parent_id, now, expires_at, session_id, now), session_id
         )
 
     async def set_chat_id(self, session_id: str, chat_id: str | None, *, now: int) -> bool:
