@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -77,29 +78,33 @@ class ResponseCapture:
         "_parser",
         "_raw",
         "_raw_size",
+        "before_eof",
         "bytes_sent",
         "first_byte_at",
         "sse",
         "write_error",
     )
 
-    def __init__(self, *, limit: int) -> None:
+    def __init__(self, *, limit: int, sse: bool = False) -> None:
         self._limit = limit
         self.sse = False
         self._parser: SSEParser | None = None
         self._assembler: ChatStreamAssembler | None = None
+        if sse:
+            self._start_sse()
         self._raw: list[bytes] = []
         self._raw_size = 0
         self.first_byte_at: float | None = None
         self.write_error: BaseException | None = None
         self.bytes_sent = 0
+        #: Awaited before the end of the body is sent (sync durability commits there, so
+        #: the records are stored by the time the client has the whole reply).
+        self.before_eof: Callable[[], Awaitable[None]] | None = None
 
     def attach(self, response: web.StreamResponse) -> None:
         """Wrap the response's writes; called from `on_response_prepare`."""
-        if is_event_stream(response):
-            self.sse = True
-            self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024))
-            self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit)
+        if is_event_stream(response) and not self.sse:
+            self._start_sse()
         send = response.write
         send_eof = response.write_eof
 
@@ -119,11 +124,23 @@ class ResponseCapture:
                 if self.first_byte_at is None:
                     self.first_byte_at = time.perf_counter()
                 self._feed(data)
+            if self.before_eof is not None:
+                hook, self.before_eof = self.before_eof, None
+                await hook()
             await send_eof(data)
 
         # Instance attributes shadow the methods for this one response only.
         response.write = write  # type: ignore[method-assign]
         response.write_eof = write_eof  # type: ignore[method-assign]
+
+    def _start_sse(self) -> None:
+        self.sse = True
+        self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024))
+        self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take bytes that were sent some other way (a whole body)."""
+        self._feed(data)
 
     def _feed(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes_sent += len(data)
@@ -139,10 +156,11 @@ class ResponseCapture:
         """What was sent so far, assembled (callable at any point, e.g. after a disconnect)."""
         if self._assembler is None:
             text, truncated = body_text(b"".join(self._raw), self._limit)
+            truncated = truncated or self.bytes_sent > self._limit
             return CapturedBody(
-                text=text,
-                truncated=truncated or self.bytes_sent > self._limit,
-                summary=_summary_of_json(text),
+                text=stored_text(text, truncated, self.bytes_sent),
+                truncated=truncated,
+                summary=_EMPTY_SUMMARY if truncated else _summary_of_json(text),
             )
         assembled = self._assembler.result()
         if assembled.openai_shaped and assembled.completion is not None:
@@ -156,7 +174,7 @@ class ResponseCapture:
         encoded = text.encode("utf-8")
         truncated = len(encoded) > self._limit
         if truncated:
-            text = encoded[: self._limit].decode("utf-8", "ignore")
+            text = stored_text(encoded[: self._limit].decode("utf-8", "ignore"), True, len(encoded))
         return CapturedBody(
             text=text,
             truncated=truncated,
@@ -173,8 +191,16 @@ def _summary_of_json(text: str) -> CompletionSummary:
         return _EMPTY_SUMMARY
 
 
-def summarize_body(data: bytes, limit: int) -> CapturedBody:
-    """A non-streamed reply body as stored: the text as sent, its usage and finish_reason."""
+def summarize_body(data: bytes, limit: int, *, sse: bool = False) -> CapturedBody:
+    """A non-streamed reply body as stored: the text as sent, its usage and finish_reason.
+
+    An event stream sent whole (a `web.Response` with `text/event-stream`) is assembled
+    like a streamed one.
+    """
+    if sse:
+        capture = ResponseCapture(limit=limit, sse=True)
+        capture.feed(data)
+        return capture.result()
     text, truncated = body_text(data, limit)
     summary = _EMPTY_SUMMARY if truncated else _summary_of_json(text)
     return CapturedBody(text=text, truncated=truncated, summary=summary)

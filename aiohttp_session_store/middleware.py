@@ -14,11 +14,18 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aiohttp import web
 
-from .capture import CapturedBody, ResponseCapture, body_text, stored_text, summarize_body
+from .capture import (
+    CapturedBody,
+    ResponseCapture,
+    body_text,
+    is_event_stream,
+    stored_text,
+    summarize_body,
+)
 from .config import StoreConfig
 from .errors import InvalidSessionIdError, StoreWriteError
 from .hashing import first_user_text, generate_session_id, scoped_session_id, validate_session_id
@@ -35,10 +42,16 @@ __all__ = (
 
 log: Final = logging.getLogger("aiohttp_session_store.middleware")
 
-# Request keys (plain strings: aiohttp >= 3.9 has no RequestKey yet). Namespaced so a
-# handler's own request state cannot collide with them.
-SESSION_KEY: Final = "aiohttp_session_store.session"
-RECORDING_KEY: Final = "aiohttp_session_store.recording"
+_T = TypeVar("_T")
+
+
+def _request_key(name: str, kind: type[_T]) -> web.RequestKey[_T]:
+    """A typed request key where aiohttp has them (>= 3.13); a namespaced string before."""
+    factory = getattr(web, "RequestKey", None)
+    return factory(name, kind) if factory is not None else name  # type: ignore[return-value]
+
+
+SESSION_KEY: Final = _request_key("aiohttp_session_store.session", object)
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware
@@ -59,11 +72,17 @@ class Recording:
     limit: int
     session: Session | None = None
     request_queued: bool = False
+    response_queued: bool = False
+    #: Sync durability: records the reply before its last bytes leave (see capture).
+    before_eof: Callable[[], Awaitable[None]] | None = None
     capture: ResponseCapture | None = None
     upstream_request: Any = _UNSET
     upstream_response: Any = _UNSET
     upstream_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+RECORDING_KEY: Final = _request_key("aiohttp_session_store.recording", Recording)
 
 
 def _error_response(status: int, message: str, kind: str) -> web.Response:
@@ -178,6 +197,9 @@ class _Recorder:
         error: str | None,
     ) -> None:
         """Hand the response record over. Synchronous: safe in a `finally` after a cancel."""
+        if rec.response_queued:
+            return  # recorded already, before the end of a streamed reply was sent
+        rec.response_queued = True
         if not rec.request_queued:
             return  # its request was dropped (storage failing): a lone response would dangle
         if rec.upstream_error is not None and outcome in ("completed", "handler_error"):
@@ -228,6 +250,8 @@ class _Recorder:
         if isinstance(response, web.Response):
             data = response.body
             if isinstance(data, (bytes, bytearray)):
+                if is_event_stream(response):
+                    return summarize_body(bytes(data), self.limit, sse=True)
                 body = summarize_body(bytes(data), self.limit)
                 body.text = stored_text(body.text or "", body.truncated, len(data))
                 return body
@@ -259,43 +283,26 @@ async def _handle(
         limit=recorder.limit,
     )
     ts = now_ms()
-    raw: bytes | None = None
-    body: Any = None
-    early: web.Response | None = None
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        early = _error_response(413, exc.text or "request body too large", "invalid_request_error")
-    if raw:
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            body = None
-    if early is None:
-        try:
-            session_id, text = recorder.session_id_for(request, body)
-        except InvalidSessionIdError as exc:
-            early = _error_response(
-                400, f"{recorder.config.session_header}: {exc}", "invalid_request_error"
-            )
-        else:
-            if session_id is not None:
-                try:
-                    rec.session = await _resolve(recorder.manager, session_id, text)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # Without its chat/parent ids a stateful upstream would silently start a
-                    # new conversation; a retryable 503 is the honest answer.
-                    log.exception("cannot resolve session %s", session_id)
-                    early = _error_response(
-                        503, "the session store is unavailable; retry shortly", "server_error"
-                    )
-                    early.headers["Retry-After"] = "1"
-    request[SESSION_KEY] = rec.session
     request[RECORDING_KEY] = rec
+    try:
+        raw, body, early = await _before_handler(recorder, request, rec)
+    except asyncio.CancelledError:
+        # The client left while the body was read or the session resolved: still one
+        # request row and one response row, as for every call on a session path.
+        recorder.queue_request(request, rec, None, None, ts)
+        recorder.queue_response(
+            rec, status=None, outcome="client_disconnected", body=None, error="cancelled"
+        )
+        raise
+    request[SESSION_KEY] = rec.session
     recorder.queue_request(request, rec, raw, body, ts)
-    await recorder.commit()
+    try:
+        await recorder.commit()
+    except asyncio.CancelledError:
+        recorder.queue_response(
+            rec, status=None, outcome="client_disconnected", body=None, error="cancelled"
+        )
+        raise
     if early is not None:
         recorder.queue_response(
             rec,
@@ -307,6 +314,45 @@ async def _handle(
         await recorder.commit()
         return early
     return await _run_handler(recorder, request, handler, rec)
+
+
+async def _before_handler(
+    recorder: _Recorder, request: web.Request, rec: Recording
+) -> tuple[bytes | None, Any, web.Response | None]:
+    """Read the body and resolve the session: (raw body, parsed body, early reply)."""
+    raw: bytes | None = None
+    body: Any = None
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        reason = exc.text or "request body too large"
+        return None, None, _error_response(413, reason, "invalid_request_error")
+    if raw:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            body = None
+    try:
+        session_id, text = recorder.session_id_for(request, body)
+    except InvalidSessionIdError as exc:
+        message = f"{recorder.config.session_header}: {exc}"
+        return raw, body, _error_response(400, message, "invalid_request_error")
+    if session_id is None:
+        return raw, body, None
+    try:
+        rec.session = await _resolve(recorder.manager, session_id, text)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # Without its chat/parent ids a stateful upstream would silently start a new
+        # conversation; a retryable 503 is the honest answer.
+        log.exception("cannot resolve session %s", session_id)
+        early = _error_response(
+            503, "the session store is unavailable; retry shortly", "server_error"
+        )
+        early.headers["Retry-After"] = "1"
+        return raw, body, early
+    return raw, body, None
 
 
 async def _resolve(manager: SessionManager, session_id: str, text: str | None) -> Session:
@@ -323,6 +369,23 @@ async def _run_handler(
     status: int | None = None
     error: str | None = None
     response: web.StreamResponse | None = None
+    if recorder.sync:
+
+        async def record_before_eof() -> None:
+            capture = rec.capture
+            if capture is None:
+                return
+            failed = capture.write_error
+            recorder.queue_response(
+                rec,
+                status=_status_sent(rec),
+                outcome="client_disconnected" if failed else "completed",
+                body=capture.result(),
+                error=repr(failed) if failed else None,
+            )
+            await recorder.commit()
+
+        rec.before_eof = record_before_eof
     try:
         response = await handler(request)
         status = response.status
@@ -377,5 +440,6 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     if isinstance(response, web.Response):
         return  # its body is read whole from the response object afterwards
     capture = ResponseCapture(limit=rec.limit)
+    capture.before_eof = rec.before_eof
     capture.attach(response)
     rec.capture = capture

@@ -492,7 +492,7 @@ class SQLiteBackend(Backend):
     async def backup(self, destination: str) -> None:
         """A consistent copy via SQLite's online backup API, safe while others write."""
         target_path = Path(destination)
-        if target_path.exists():
+        if os.path.exists(target_path):
             raise StoreError(f"{destination} already exists; choose a new path for the backup")
         db = self._conn()
         try:

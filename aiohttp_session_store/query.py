@@ -1,0 +1,439 @@
+"""The read-only query API: a bearer-protected aiohttp sub-application over a SessionManager.
+
+Mounted by the user (``app.add_subapp("/admin", store.query_app(token=...))``). Also home of
+the JSON forms of sessions, exchanges and statistics, which the CLI's ``--json`` output
+shares, so both speak one documented format (docs/cli.md).
+
+Reads go straight to the database and never wait for the record writer: a call that has
+just finished appears within `StoreConfig.flush_interval` (50 ms by default). Waiting for a
+flush instead would let a polling dashboard force a commit per poll, and make the admin API
+hang exactly when storage is failing and it is most needed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timezone
+from typing import Any, Final, Literal, NoReturn, cast
+
+from aiohttp import web
+
+from .errors import StoreError
+from .manager import SessionManager
+from .models import (
+    SESSION_ORDERS,
+    Exchange,
+    RequestQuery,
+    RequestRecord,
+    ResponseRecord,
+    Session,
+    SessionOrder,
+    SessionQuery,
+    now_ms,
+)
+from .stats import report
+from .timeparse import format_iso, parse_time
+
+__all__ = (
+    "MAX_PAGE",
+    "MIN_TOKEN_LENGTH",
+    "create_query_app",
+    "exchange_json",
+    "last_user_text",
+    "reply_text",
+    "session_json",
+)
+
+log: Final = logging.getLogger("aiohttp_session_store.query")
+
+MIN_TOKEN_LENGTH: Final = 16
+MAX_PAGE: Final = 1000
+DEFAULT_PAGE: Final = 100
+
+_MANAGER_KEY: Final = web.AppKey("aiohttp_session_store.query.manager", SessionManager)
+_TOKEN_KEY: Final = web.AppKey("aiohttp_session_store.query.token", bytes)
+
+_STATES: Final = ("all", "active", "expired")
+
+
+# -- the JSON forms (shared with the CLI) ---------------------------------------------------
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _content_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping)
+            and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(texts) if texts else None
+    return None
+
+
+def last_user_text(openai_request: str | None) -> str | None:
+    """The text of the last `role == "user"` message of a stored chat request body."""
+    body = _loads(openai_request)
+    if not isinstance(body, Mapping) or not isinstance(body.get("messages"), list):
+        return None
+    for message in reversed(body["messages"]):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return _content_text(message.get("content"))
+    return None
+
+
+def reply_text(openai_response: str | None) -> str | None:
+    """What the assistant said in a stored reply: choice 0's content, its tool calls, or the
+    error message of an error body. None for bodies that are none of those."""
+    body = _loads(openai_response)
+    if not isinstance(body, Mapping):
+        return None
+    error = body.get("error")
+    if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+        return f"[error] {error['message']}"
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        return None
+    message = choices[0].get("message")
+    if not isinstance(message, Mapping):
+        return None
+    content = _content_text(message.get("content"))
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        names = []
+        for call in calls:
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
+                names.append(f"{function.get('name')}({function.get('arguments') or ''})")
+        rendered = "[tool calls] " + ", ".join(names)
+        return f"{content}\n{rendered}" if content else rendered
+    return content
+
+
+def session_json(session: Session, *, now: int) -> dict[str, Any]:
+    """A session as `sessions --json` and `GET /sessions` give it."""
+    return {
+        "id": session.id,
+        "chat_id": session.chat_id,
+        "parent_id": session.parent_id,
+        "first_user_message": session.first_user_message,
+        "message_count": session.message_count,
+        "created_at": format_iso(session.created_at),
+        "last_accessed": format_iso(session.last_accessed),
+        "expires_at": format_iso(session.expires_at),
+        "expired": session.is_expired(now),
+    }
+
+
+def _headers(text: str | None) -> Any:
+    parsed = _loads(text)
+    return parsed if parsed is not None else text
+
+
+def _response_json(response: ResponseRecord, *, bodies: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "response_id": response.response_id,
+        "timestamp": format_iso(response.timestamp),
+        "status_code": response.status_code,
+        "outcome": response.outcome,
+        "finish_reason": response.finish_reason,
+        "parent_id": response.parent_id,
+        "prompt_tokens": response.prompt_tokens,
+        "completion_tokens": response.completion_tokens,
+        "total_tokens": response.total_tokens,
+        "duration_ms": response.duration_ms,
+        "first_byte_ms": response.first_byte_ms,
+        "error": response.error,
+        "reply": reply_text(response.openai_response),
+    }
+    if bodies:
+        out["openai_response"] = response.openai_response
+        out["upstream_response"] = response.upstream_response
+    return out
+
+
+def exchange_json(exchange: Exchange, *, bodies: bool = False) -> dict[str, Any]:
+    """A request with its response (null while in flight). `bodies` adds the stored bodies
+    (as the text stored, not parsed: a truncated body is not JSON) and the headers."""
+    request: RequestRecord = exchange.request
+    out: dict[str, Any] = {
+        "request_id": request.request_id,
+        "session_id": request.session_id,
+        "timestamp": format_iso(request.timestamp),
+        "method": request.method,
+        "path": request.path,
+        "model": request.model,
+        "stream": request.stream,
+        "user_message": last_user_text(request.openai_request),
+    }
+    if bodies:
+        out["headers"] = _headers(request.headers)
+        out["openai_request"] = request.openai_request
+        out["upstream_request"] = request.upstream_request
+    out["response"] = (
+        None if exchange.response is None else _response_json(exchange.response, bodies=bodies)
+    )
+    return out
+
+
+# -- the sub-application -----------------------------------------------------------------------
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    response = web.json_response({"error": {"message": message, "type": kind}}, status=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="aiohttp_session_store"'
+    return response
+
+
+def _bad(message: str) -> NoReturn:
+    raise _ApiError(400, message, "invalid_request_error")
+
+
+class _Params:
+    """The query string of one request, validated; every value leaves here typed."""
+
+    def __init__(self, request: web.Request, allowed: tuple[str, ...]) -> None:
+        query = request.query
+        for name in query:
+            if name not in allowed:
+                # A misspelt filter must not silently return everything.
+                _bad(f"unknown parameter {name!r}; this endpoint takes: {', '.join(allowed)}")
+            if len(query.getall(name)) > 1:
+                _bad(f"parameter {name!r} is given more than once")
+        self._query = query
+        self.now = now_ms()
+
+    def text(self, name: str) -> str | None:
+        value = self._query.get(name)
+        if value is not None and not value:
+            _bad(f"parameter {name!r} is empty")
+        return value
+
+    def integer(self, name: str, default: int, lo: int, hi: int | None) -> int:
+        raw = self._query.get(name)
+        if raw is None:
+            return default
+        # isdecimal(), not int(): int() also takes "+5", " 5", "5_000" and other digits.
+        if not (raw.isascii() and raw.isdecimal()) or len(raw) > 12:
+            _bad(f"parameter {name!r} must be an integer, not {raw!r}")
+        value = int(raw)
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            _bad(f"parameter {name!r} must be {bound}, not {value}")
+        return value
+
+    def boolean(self, name: str) -> bool | None:
+        raw = self._query.get(name)
+        if raw is None:
+            return None
+        if raw not in ("true", "false"):
+            _bad(f"parameter {name!r} must be true or false, not {raw!r}")
+        return raw == "true"
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        raw = self._query.get(name, default)
+        if raw not in choices:
+            _bad(f"parameter {name!r} must be one of {', '.join(choices)}, not {raw!r}")
+        return raw
+
+    def time(self, name: str) -> int | None:
+        raw = self._query.get(name)
+        if raw is None:
+            return None
+        try:
+            # The server's local zone means nothing to a remote client: naive times are UTC.
+            return parse_time(raw, now=self.now, tz=timezone.utc)
+        except ValueError as exc:
+            _bad(f"parameter {name!r}: {exc}")
+
+
+def _manager(request: web.Request) -> SessionManager:
+    return request.app[_MANAGER_KEY]
+
+
+def _page_json(key: str, items: list[Any], total: int, limit: int, offset: int) -> web.Response:
+    return web.json_response({key: items, "total": total, "limit": limit, "offset": offset})
+
+
+async def _list_sessions(request: web.Request) -> web.Response:
+    p = _Params(request, ("limit", "offset", "order", "state"))
+    limit = p.integer("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = p.integer("offset", 0, 0, None)
+    order = cast(SessionOrder, p.choice("order", SESSION_ORDERS, "created_at_desc"))
+    state = cast(Literal["all", "active", "expired"], p.choice("state", _STATES, "all"))
+    backend = _manager(request).backend
+    sessions = await backend.list_sessions(
+        SessionQuery(state=state, now=p.now, limit=limit, offset=offset, order=order)
+    )
+    total = await backend.count_sessions()
+    if state != "all":
+        active = await backend.count_sessions(active_at=p.now)
+        total = active if state == "active" else total - active
+    return _page_json(
+        "sessions", [session_json(s, now=p.now) for s in sessions], total, limit, offset
+    )
+
+
+async def _known_session(request: web.Request) -> tuple[str, Session | None, int]:
+    """(id, row or None, request count); 404 when there is neither a row nor a record."""
+    session_id = request.match_info["session_id"]
+    backend = _manager(request).backend
+    session = await backend.get_session(session_id)
+    count = await backend.count_requests(RequestQuery(session_id=session_id))
+    if session is None and count == 0:
+        raise _ApiError(404, f"no session {session_id!r}", "not_found_error")
+    return session_id, session, count
+
+
+async def _get_session(request: web.Request) -> web.Response:
+    _Params(request, ())
+    session_id, session, count = await _known_session(request)
+    if session is None:
+        # Its records outlive an expired, swept session; the row itself is gone.
+        raise _ApiError(
+            404, f"no session {session_id!r} (it has {count} records)", "not_found_error"
+        )
+    return web.json_response({**session_json(session, now=now_ms()), "request_count": count})
+
+
+async def _session_stats(request: web.Request) -> web.Response:
+    p = _Params(request, ("since", "until"))
+    session_id, _, _ = await _known_session(request)
+    facts = await _manager(request).backend.response_facts(
+        RequestQuery(session_id=session_id, since=p.time("since"), until=p.time("until"))
+    )
+    return web.json_response({"session_id": session_id, **report(facts).to_json()})
+
+
+async def _delete_session(request: web.Request) -> web.Response:
+    _Params(request, ())
+    session_id = request.match_info["session_id"]
+    manager = _manager(request)
+    # Through the manager, not the backend: its cache must forget the session too.
+    if not await manager.delete_session(session_id):
+        raise _ApiError(404, f"no session {session_id!r}", "not_found_error")
+    # A client that deletes and then reads must not see the row again: commit now.
+    await manager.writer.flush()
+    return web.json_response({"id": session_id, "deleted": True})
+
+
+def _request_query(
+    p: _Params, *, limit: int | None = None, offset: int = 0, oldest_first: bool = False
+) -> RequestQuery:
+    return RequestQuery(
+        session_id=p.text("session_id"),
+        model=p.text("model"),
+        stream=p.boolean("stream"),
+        since=p.time("since"),
+        until=p.time("until"),
+        limit=limit,
+        offset=offset,
+        oldest_first=oldest_first,
+    )
+
+
+async def _list_requests(request: web.Request) -> web.Response:
+    p = _Params(
+        request, ("session_id", "model", "stream", "since", "until", "limit", "offset", "order")
+    )
+    limit = p.integer("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = p.integer("offset", 0, 0, None)
+    oldest_first = p.choice("order", ("newest", "oldest"), "newest") == "oldest"
+    query = _request_query(p, limit=limit, offset=offset, oldest_first=oldest_first)
+    backend = _manager(request).backend
+    exchanges = await backend.list_exchanges(query)
+    # count_requests ignores limit, offset and order: the total of every page.
+    total = await backend.count_requests(query)
+    return _page_json("requests", [exchange_json(e) for e in exchanges], total, limit, offset)
+
+
+async def _get_request(request: web.Request) -> web.Response:
+    _Params(request, ())
+    request_id = request.match_info["request_id"]
+    exchange = await _manager(request).backend.get_exchange(request_id)
+    if exchange is None:
+        raise _ApiError(404, f"no request {request_id!r}", "not_found_error")
+    return web.json_response(exchange_json(exchange, bodies=True))
+
+
+async def _response_stats(request: web.Request) -> web.Response:
+    p = _Params(request, ("session_id", "model", "stream", "since", "until"))
+    facts = await _manager(request).backend.response_facts(_request_query(p))
+    return web.json_response(report(facts).to_json())
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer authentication first, then every failure as a JSON error body."""
+    expected = request.app[_TOKEN_KEY]
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest: the time taken must not reveal how much of a guess was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), expected
+    ):
+        return _error(401, "a valid bearer token is required", "authentication_error")
+    try:
+        return await handler(request)
+    except _ApiError as exc:
+        return _error(exc.status, exc.message, exc.kind)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # Routing's own 404 and 405, in the same JSON shape as every other error.
+        response = _error(exc.status, exc.reason, "invalid_request_error")
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except StoreError:
+        log.exception("query API: the store failed")
+        return _error(503, "the session store is unavailable; retry shortly", "server_error")
+
+
+def create_query_app(manager: SessionManager, *, token: str) -> web.Application:
+    """The query API over `manager`, for `app.add_subapp(prefix, ...)`.
+
+    Every route needs ``Authorization: Bearer <token>``; `token` must be at least 16
+    characters (generate one with ``python -c "import secrets; print(secrets.token_urlsafe())"``).
+    """
+    if not isinstance(token, str) or len(token.strip()) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"the query API token must be at least {MIN_TOKEN_LENGTH} characters")
+    if token != token.strip():
+        raise ValueError("the query API token must not start or end with whitespace")
+    app = web.Application(middlewares=[_guard])
+    app[_MANAGER_KEY] = manager
+    app[_TOKEN_KEY] = token.encode("utf-8")
+    app.router.add_get("/sessions", _list_sessions)
+    app.router.add_get("/sessions/{session_id}", _get_session)
+    app.router.add_delete("/sessions/{session_id}", _delete_session)
+    app.router.add_get("/sessions/{session_id}/stats", _session_stats)
+    app.router.add_get("/requests", _list_requests)
+    app.router.add_get("/requests/{request_id}", _get_request)
+    app.router.add_get("/responses/stats", _response_stats)
+    return app

@@ -1,0 +1,119 @@
+"""Statistics over recorded calls: counts, outcomes, token sums and latency percentiles by model.
+
+Pure: it aggregates `ResponseFact` values a backend returned and does no I/O, so the CLI's
+`stats` and the query API's `/responses/stats` give the same numbers for the same records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .models import OUTCOMES, ResponseFact
+
+__all__ = ("Percentiles", "StatsReport", "Summary", "percentile", "report", "summarize")
+
+
+def percentile(sorted_values: Sequence[int], p: float) -> int | None:
+    """The nearest-rank `p`th percentile of ascending `sorted_values` (None when empty).
+
+    Nearest rank always answers with a value that was observed (no interpolation), so a
+    p95 of durations is the duration of a real call.
+    """
+    if not 0 < p <= 100:
+        raise ValueError(f"a percentile is in (0, 100], not {p}")
+    if not sorted_values:
+        return None
+    rank = math.ceil(p / 100 * len(sorted_values))
+    return sorted_values[max(rank, 1) - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """p50 and p95 of the calls that have the measure (None when none has it)."""
+
+    p50: int | None
+    p95: int | None
+
+    @classmethod
+    def of(cls, values: Iterable[int]) -> Percentiles:
+        ordered = sorted(values)
+        return cls(percentile(ordered, 50), percentile(ordered, 95))
+
+    def to_json(self) -> dict[str, int | None]:
+        return {"p50": self.p50, "p95": self.p95}
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Aggregates over a set of calls (each one response)."""
+
+    requests: int
+    #: Every known outcome (zero when unseen), then any other value found, by name.
+    outcomes: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    duration_ms: Percentiles
+    first_byte_ms: Percentiles
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "outcomes": dict(self.outcomes),
+            "tokens": {
+                "prompt": self.prompt_tokens,
+                "completion": self.completion_tokens,
+                "total": self.total_tokens,
+            },
+            "duration_ms": self.duration_ms.to_json(),
+            "first_byte_ms": self.first_byte_ms.to_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReport:
+    """All calls together, and the same per model (ordered by name, calls without one last)."""
+
+    overall: Summary
+    by_model: tuple[tuple[str | None, Summary], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.overall.to_json(),
+            "by_model": [{"model": model, **summary.to_json()} for model, summary in self.by_model],
+        }
+
+
+def summarize(facts: Iterable[ResponseFact]) -> Summary:
+    """Aggregate `facts`; missing token counts add nothing, missing first bytes are skipped."""
+    items = list(facts)
+    outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+    for fact in items:
+        outcomes[fact.outcome] = outcomes.get(fact.outcome, 0) + 1
+    unknown = sorted(k for k in outcomes if k not in OUTCOMES)
+    return Summary(
+        requests=len(items),
+        outcomes={**{k: outcomes[k] for k in OUTCOMES}, **{k: outcomes[k] for k in unknown}},
+        prompt_tokens=sum(f.prompt_tokens or 0 for f in items),
+        completion_tokens=sum(f.completion_tokens or 0 for f in items),
+        total_tokens=sum(f.total_tokens or 0 for f in items),
+        duration_ms=Percentiles.of(f.duration_ms for f in items),
+        first_byte_ms=Percentiles.of(f.first_byte_ms for f in items if f.first_byte_ms is not None),
+    )
+
+
+def report(facts: Iterable[ResponseFact]) -> StatsReport:
+    """The overall summary and one per model."""
+    items = list(facts)
+    groups: dict[str | None, list[ResponseFact]] = {}
+    for fact in items:
+        groups.setdefault(fact.model, []).append(fact)
+    # Calls recorded without a model (a body that was not JSON) sort after named models.
+    order = sorted(groups, key=lambda m: (m is None, m or ""))
+    return StatsReport(
+        overall=summarize(items),
+        by_model=tuple((model, summarize(groups[model])) for model in order),
+    )
