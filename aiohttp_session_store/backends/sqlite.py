@@ -491,9 +491,7 @@ class SQLiteBackend(Backend):
 
     async def backup(self, destination: str) -> None:
         """A consistent copy via SQLite's online backup API, safe while others write."""
-        target_path = Path(destination)
-        if os.path.exists(target_path):
-            raise StoreError(f"{destination} already exists; choose a new path for the backup")
+        target_path = _new_file(destination)
         db = self._conn()
         try:
             async with self._lock, aiosqlite.connect(target_path) as target:
@@ -786,3 +784,11 @@ class SQLiteBackend(Backend):
             )
             for row in rows
         ]
+
+
+def _new_file(destination: str) -> Path:
+    """The path of a file about to be created; refuses to overwrite (a stat, no thread hop)."""
+    path = Path(destination)
+    if path.exists():
+        raise StoreError(f"{destination} already exists; choose a new path for the backup")
+    return path
