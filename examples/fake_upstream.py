@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
@@ -327,71 +328,59 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
 
     response = await _open_event_stream(request)
-    await _send_event(
-        response,
-        {
-            "response.created": {
-                "chat_id": chat.id,
-                "parent_id": turn.parent_id,
-                "response_id": turn.message_id,
-            }
+    try:
+        await _stream_turn(request, response, call, chat, turn, input_tokens)
+    except ConnectionResetError:
+        # The client hung up and a write failed. Returning (not raising) keeps aiohttp from
+        # logging a traceback for what is an everyday event.
+        call.error = "the client went away mid-reply"
+    except asyncio.CancelledError:
+        # The same, on a server started with handler_cancellation (as TestServer is).
+        call.error = "the client went away mid-reply"
+        raise
+    return response
+
+
+def _qwen_delta(
+    turn: Turn, content: str, status: str, input_tokens: int, output_tokens: int
+) -> dict[str, Any]:
+    """One streamed event: a content delta with the usage so far (cumulative, as Qwen sends)."""
+    delta = {"role": "assistant", "content": content, "phase": "answer", "status": status}
+    return {
+        "choices": [{"delta": delta}],
+        "usage": {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
         },
-    )
-    delay = _delay_for(call.message, request.app[SETTINGS])
+        "response_id": turn.message_id,
+    }
+
+
+async def _stream_turn(
+    request: web.Request,
+    response: web.StreamResponse,
+    call: CompletionCall,
+    chat: Chat,
+    turn: Turn,
+    input_tokens: int,
+) -> None:
+    created = {"chat_id": chat.id, "parent_id": turn.parent_id, "response_id": turn.message_id}
+    await _send_event(response, {"response.created": created})
+    delay = _delay_for(turn.user_message, request.app[SETTINGS])
     output_tokens = 0
-    for index, piece in enumerate(_split_deltas(reply)):
-        if FAIL_MID_MARKER in call.message and index == DELTAS_BEFORE_FAILURE:
+    for index, piece in enumerate(_split_deltas(turn.reply)):
+        if FAIL_MID_MARKER in turn.user_message and index == DELTAS_BEFORE_FAILURE:
             call.error = "stream dropped (requested by [fail-mid])"
             _drop_connection(request)
-            return response
+            return
         if delay:
             await asyncio.sleep(delay)
         output_tokens += _count_tokens(piece)
-        await _send_event(
-            response,
-            {
-                "choices": [
-                    {
-                        "delta": {
-                            "role": "assistant",
-                            "content": piece,
-                            "phase": "answer",
-                            "status": "typing",
-                        }
-                    }
-                ],
-                "usage": {
-                    "input_tokens": input_tokens,
-                    "output_tokens": output_tokens,
-                    "total_tokens": input_tokens + output_tokens,
-                },
-                "response_id": turn.message_id,
-            },
-        )
-    await _send_event(
-        response,
-        {
-            "choices": [
-                {
-                    "delta": {
-                        "role": "assistant",
-                        "content": "",
-                        "phase": "answer",
-                        "status": "finished",
-                    }
-                }
-            ],
-            "usage": {
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens,
-            },
-            "response_id": turn.message_id,
-        },
-    )
+        await _send_event(response, _qwen_delta(turn, piece, "typing", input_tokens, output_tokens))
+    await _send_event(response, _qwen_delta(turn, "", "finished", input_tokens, output_tokens))
     await response.write_eof()
     call.finished = True
-    return response
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible API
@@ -461,19 +450,22 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
     delay = _delay_for(last, settings)
     response = await _open_event_stream(request)
-    await _send_event(response, chunk({"role": "assistant", "content": ""}))
-    for index, piece in enumerate(_split_deltas(reply)):
-        if FAIL_MID_MARKER in last and index == DELTAS_BEFORE_FAILURE:
-            _drop_connection(request)
-            return response
-        if delay:
-            await asyncio.sleep(delay)
-        await _send_event(response, chunk({"content": piece}))
-    await _send_event(response, chunk({}, "stop"))
-    if include_usage:
-        await _send_event(response, {**chunk({}), "choices": [], "usage": usage})
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+    try:
+        await _send_event(response, chunk({"role": "assistant", "content": ""}))
+        for index, piece in enumerate(_split_deltas(reply)):
+            if FAIL_MID_MARKER in last and index == DELTAS_BEFORE_FAILURE:
+                _drop_connection(request)
+                return response
+            if delay:
+                await asyncio.sleep(delay)
+            await _send_event(response, chunk({"content": piece}))
+        await _send_event(response, chunk({}, "stop"))
+        if include_usage:
+            await _send_event(response, {**chunk({}), "choices": [], "usage": usage})
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client hung up: nothing to do, and no traceback to log
     return response
 
 
@@ -510,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--delay", type=float, default=0.05, help="seconds between streamed deltas (default 0.05)"
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     web.run_app(
         create_app(api_key=args.api_key, delta_delay=args.delay), host=args.host, port=args.port
     )

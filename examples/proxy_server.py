@@ -248,12 +248,13 @@ async def upstream_failed(
     request: web.Request, response: web.StreamResponse | None, url: str, exc: Exception
 ) -> web.StreamResponse:
     """The reply when talking to the upstream failed: a 502, or an error event mid-stream."""
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, (aiohttp.ClientConnectorError, asyncio.TimeoutError)):
-        message, code = f"cannot reach the upstream at {url}: {exc!r}", "upstream_unreachable"
+        message, code = f"cannot reach the upstream at {url}: {reason}", "upstream_unreachable"
     elif isinstance(exc, aiohttp.ClientError):
-        message, code = f"the reply from the upstream at {url} broke off: {exc!r}", None
+        message, code = f"the reply from the upstream at {url} broke off: {reason}", None
     else:  # ValueError: not the JSON this upstream speaks
-        message, code = f"unreadable reply from the upstream at {url}: {exc!r}", None
+        message, code = f"unreadable reply from the upstream at {url}: {reason}", None
     if response is not None:
         await end_with_error(request, response, message)
         return response
@@ -288,6 +289,18 @@ async def open_event_stream(request: web.Request) -> web.StreamResponse:
 
 async def send_event(response: web.StreamResponse, payload: object) -> None:
     await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+
+
+def client_went_away(session_id: str | None, response: web.StreamResponse) -> web.StreamResponse:
+    """The client hung up mid-reply (a write to it failed).
+
+    Returning the response, rather than raising, keeps aiohttp from logging a traceback for
+    an everyday event; the middleware saw the failed write and records the call as
+    ``client_disconnected`` with what was sent. Leaving the ``async with`` around the
+    upstream reply closes that connection, so the upstream stops generating.
+    """
+    log.info("session %s: the client went away mid-reply", session_id)
+    return response
 
 
 async def end_with_error(request: web.Request, response: web.StreamResponse, message: str) -> None:
@@ -406,7 +419,129 @@ def qwen_request(
     }
 
 
+@dataclass(slots=True)
+class Turn:
+    """One turn of a session through the stateful upstream."""
+
+    session_id: str
+    parent_id: str | None  # the parent this turn was sent with
+    completion: Completion
+
+    async def advance(self, request: web.Request, new_parent: str) -> None:
+        """Store the parent the next turn must be sent with (and count this turn)."""
+        await get_store(request).manager.update_parent_id(self.session_id, new_parent)
+        log.info("session %s: parent %s -> %s", self.session_id, self.parent_id, new_parent)
+
+
+def as_dict(value: object) -> dict[str, Any]:
+    # The upstream's JSON is read defensively: a missing or odd field is "absent".
+    return value if isinstance(value, dict) else {}
+
+
+def first_choice(container: dict[str, Any]) -> dict[str, Any]:
+    choices = container.get("choices")
+    return as_dict(choices[0]) if isinstance(choices, list) and choices else {}
+
+
+async def reply_json(
+    request: web.Request, resp: aiohttp.ClientResponse, turn: Turn
+) -> web.Response:
+    """A non-streaming upstream reply as a ``chat.completion``."""
+    reply = await resp.json(content_type=None)
+    set_upstream(request, response_body=reply)
+    data = as_dict(as_dict(reply).get("data"))
+    new_parent = data.get("parent_id")
+    if not isinstance(new_parent, str):
+        raise UpstreamError(502, f"upstream reply has no data.parent_id: {reply!r:.200}")
+    await turn.advance(request, new_parent)
+    turn.completion.content.append(
+        text_of(as_dict(first_choice(data).get("message")).get("content"))
+    )
+    turn.completion.usage = as_dict(data.get("usage"))
+    return web.json_response(turn.completion.message())
+
+
+async def relay_stream(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    turn: Turn,
+    url: str,
+    include_usage: bool,
+) -> web.StreamResponse:
+    """Translate the upstream's event stream into OpenAI ``chat.completion.chunk`` events.
+
+    The client's stream is opened at the first content event, so that an upstream failing
+    before it (no ``response.created``, an error event) is still a plain JSON error.
+    """
+    completion = turn.completion
+    response: web.StreamResponse | None = None
+    raw_events: list[str] = []
+    new_parent: str | None = None
+
+    async def send(chunk: dict[str, Any]) -> None:
+        nonlocal response
+        if response is None:
+            response = await open_event_stream(request)
+            await send_event(response, usage_null(completion.chunk({"role": "assistant"})))
+        await send_event(response, chunk)
+
+    def usage_null(chunk: dict[str, Any]) -> dict[str, Any]:
+        # With include_usage, OpenAI sends "usage": null on every chunk but the last.
+        return {**chunk, "usage": None} if include_usage else chunk
+
+    try:
+        finished = False
+        async for data in iter_sse_data(resp.content):
+            raw_events.append(data)
+            event = as_dict(json.loads(data)) if data != "[DONE]" else {}
+            if "response.created" in event:
+                created = as_dict(event["response.created"]).get("parent_id")
+                if isinstance(created, str):
+                    # Stored at once: the upstream keeps the turn even if the stream breaks.
+                    new_parent = created
+                    await turn.advance(request, new_parent)
+                continue
+            if "error" in event:
+                message, code = error_detail(502, data)
+                raise UpstreamError(502, f"upstream stream error: {message}", code)
+            if "usage" in event:
+                completion.usage = as_dict(event["usage"])  # cumulative: the last one counts
+            delta = as_dict(first_choice(event).get("delta"))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                completion.content.append(content)
+                await send(usage_null(completion.chunk({"content": content})))
+            if delta.get("status") == "finished" or data == "[DONE]":
+                finished = True
+                break
+        set_upstream(request, response_body="".join(f"data: {e}\n\n" for e in raw_events))
+        if new_parent is None:
+            raise UpstreamError(502, "upstream stream carried no response.created parent_id")
+        if not finished:
+            raise UpstreamError(502, "upstream stream ended before the reply finished")
+        await send(usage_null(completion.chunk({}, "stop")))
+        if include_usage:
+            await send({**completion.chunk({}), "choices": [], "usage": completion.openai_usage()})
+        assert response is not None  # send() opened it
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        if response is None:
+            raise
+        return client_went_away(turn.session_id, response)
+    except UpstreamError as exc:
+        if response is None:
+            return error_reply(request, exc)
+        await end_with_error(request, response, exc.message)
+        return response
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        set_upstream(request, response_body="".join(f"data: {e}\n\n" for e in raw_events))
+        return await upstream_failed(request, response, url, exc)
+
+
 async def stateful_completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """Continue the session's upstream chat with the client's newest message."""
     session = get_session(request)
     if session is None:
         return openai_error(400, "'messages' must include a user message with text.")
@@ -416,13 +551,9 @@ async def stateful_completion(request: web.Request, body: dict[str, Any]) -> web
     model = str(body.get("model") or DEFAULT_MODEL)
     stream = body.get("stream") is True
     upstream = request.app[UPSTREAM]
-    manager = get_store(request).manager
-    completion = Completion(model=model)
-    response: web.StreamResponse | None = None
-    url = upstream.url
+    url = upstream.endpoint("/api/v2/chats/new")
     try:
         if session.chat_id is None:
-            url = upstream.endpoint("/api/v2/chats/new")
             chat_id, parent_id = await ensure_upstream_chat(request, session.id, model)
         else:
             chat_id, parent_id = session.chat_id, session.parent_id
@@ -436,89 +567,18 @@ async def stateful_completion(request: web.Request, body: dict[str, Any]) -> web
             headers=upstream_headers(request, upstream),
         ) as resp:
             await raise_for_upstream(request, resp)
-
+            turn = Turn(session.id, parent_id, Completion(model=model))
             if not stream:
-                reply = await resp.json(content_type=None)
-                set_upstream(request, response_body=reply)
-                data = reply.get("data") if isinstance(reply, dict) else None
-                if not isinstance(data, dict) or not isinstance(data.get("parent_id"), str):
-                    raise UpstreamError(
-                        502, f"upstream reply has no data.parent_id: {reply!r:.200}"
-                    )
-                await manager.update_parent_id(session.id, data["parent_id"])
-                choices = data.get("choices") or [{}]
-                completion.content.append(text_of(choices[0].get("message", {}).get("content")))
-                completion.usage = data.get("usage")
-                log.info("session %s: %s -> %s", session.id, parent_id, data["parent_id"])
-                return web.json_response(completion.message())
-
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            raw_events: list[str] = []
-            new_parent: str | None = None
-            finished = False
-            async for data_text in iter_sse_data(resp.content):
-                raw_events.append(data_text)
-                if data_text == "[DONE]":
-                    break
-                event = json.loads(data_text)
-                if not isinstance(event, dict):
-                    continue
-                if "response.created" in event:
-                    new_parent = event["response.created"].get("parent_id")
-                    if isinstance(new_parent, str):
-                        # Stored as soon as the upstream announces it: the upstream keeps
-                        # the turn even if the stream breaks later.
-                        await manager.update_parent_id(session.id, new_parent)
-                        log.info("session %s: %s -> %s", session.id, parent_id, new_parent)
-                    continue
-                if "error" in event:
-                    message, code = error_detail(502, data_text)
-                    raise UpstreamError(502, f"upstream stream error: {message}", code)
-                if response is None:
-                    response = await open_event_stream(request)
-                    first = completion.chunk({"role": "assistant", "content": ""})
-                    await send_event(response, with_usage_field(first, include_usage))
-                completion.usage = event.get("usage") or completion.usage
-                delta = (event.get("choices") or [{}])[0].get("delta", {})
-                if delta.get("content"):
-                    completion.content.append(delta["content"])
-                    chunk = completion.chunk({"content": delta["content"]})
-                    await send_event(response, with_usage_field(chunk, include_usage))
-                if delta.get("status") == "finished":
-                    finished = True
-                    break
-            set_upstream(request, response_body="".join(f"data: {e}\n\n" for e in raw_events))
-            if new_parent is None:
-                raise UpstreamError(502, "upstream stream carried no response.created parent_id")
-            if not finished:
-                raise UpstreamError(502, "upstream stream ended before the reply finished")
-            if response is None:  # a finished reply with no content at all
-                response = await open_event_stream(request)
-            await send_event(
-                response, with_usage_field(completion.chunk({}, "stop"), include_usage)
-            )
-            if include_usage:
-                await send_event(
-                    response,
-                    {**completion.chunk({}), "choices": [], "usage": completion.openai_usage()},
-                )
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
+                return await reply_json(request, resp, turn)
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await relay_stream(request, resp, turn, url, include_usage)
     except ConnectionResetError:
-        raise  # the client went away: the middleware records it; leaving closes the upstream
+        raise  # the client went away (aiohttp's reset error is also a ClientError)
     except UpstreamError as exc:
-        if response is not None:
-            await end_with_error(request, response, exc.message)
-            return response
         return error_reply(request, exc)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        return await upstream_failed(request, response, url, exc)
-
-
-def with_usage_field(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
-    # With include_usage, OpenAI sends "usage": null on every chunk but the last.
-    return {**chunk, "usage": None} if include_usage else chunk
+        return await upstream_failed(request, None, url, exc)
 
 
 # --------------------------------------------------------------------------- openai mode
@@ -556,7 +616,10 @@ async def forward_completion(request: web.Request, raw: bytes) -> web.StreamResp
             await response.write_eof()
             return response
     except ConnectionResetError:
-        raise  # the client went away
+        if response is None:
+            raise
+        session = get_session(request)
+        return client_went_away(session.id if session else None, response)
     except UpstreamError as exc:
         return error_reply(request, exc)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
