@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import sys
-import unicodedata
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, Literal, NoReturn, cast
@@ -66,7 +65,7 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-# -- argument types -----------------------------------------------------------------------
+# -- argument types --------------------------------------------------------------------------------
 
 
 def _duration_arg(text: str) -> float:
@@ -95,28 +94,38 @@ def _text_arg(text: str) -> str:
     return text
 
 
-# -- human output ---------------------------------------------------------------------------
+# -- human output ----------------------------------------------------------------------------------
 
 
-def _safe_char(ch: str, keep_newlines: bool) -> str:
-    if keep_newlines and ch in "\n\t":
-        return ch
-    if ch in "\r\n\t\v\f":
-        return " "
-    category = unicodedata.category(ch)
-    if category == "Cc":
-        # A record holds client text: an escape sequence must not reach the terminal.
-        code = ord(ch)
-        return chr(0x2400 + code) if code < 0x20 else "\u2421" if code == 0x7F else "\ufffd"
-    if category in ("Cf", "Zl", "Zp") and ch not in "\u200d\u200c":
-        # Bidi overrides and the like could make a line read differently than it is.
-        return "\ufffd"
-    return ch
+_BIDI_CONTROLS: Final = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def _char_table(*, keep_newlines: bool) -> dict[int, str]:
+    """What `str.translate` makes of characters unsafe on a terminal.
+
+    Records hold client text: an escape sequence must not reach the operator's terminal
+    (C0 controls become their visible "control pictures", ␛ for ESC), and bidirectional
+    overrides must not make a line read differently than it is.
+    """
+    table = {code: chr(0x2400 + code) for code in range(0x20)}
+    table[0x7F] = "\u2421"
+    table.update({code: "\ufffd" for code in range(0x80, 0xA0)})
+    table.update({ord(ch): "\ufffd" for ch in _BIDI_CONTROLS})
+    for ch in "\t\n\r\v\f\u2028\u2029":
+        table[ord(ch)] = " "
+    if keep_newlines:
+        table.update({ord("\n"): "\n", ord("\t"): "\t", ord("\r"): "", 0x2028: "\n", 0x2029: "\n"})
+    return table
+
+
+_ONE_LINE: Final = _char_table(keep_newlines=False)
+_MULTI_LINE: Final = _char_table(keep_newlines=True)
 
 
 def _clean(text: str, *, keep_newlines: bool = False) -> str:
-    cleaned = "".join(_safe_char(ch, keep_newlines) for ch in text)
-    return cleaned if keep_newlines else " ".join(cleaned.split())
+    if keep_newlines:
+        return text.translate(_MULTI_LINE)
+    return " ".join(text.translate(_ONE_LINE).split())
 
 
 def _short(text: str | None, width: int) -> str:
@@ -161,7 +170,7 @@ def _write_json(out: IO[str], value: Any) -> None:
     out.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
-# -- opening the store ---------------------------------------------------------------------------
+# -- opening the store -----------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -185,7 +194,7 @@ def _request_query(args: argparse.Namespace, **extra: Any) -> RequestQuery:
     )
 
 
-# -- commands ----------------------------------------------------------------------------------
+# -- commands --------------------------------------------------------------------------------------
 
 
 async def _cmd_sessions(args: argparse.Namespace, out: IO[str]) -> int:
@@ -445,7 +454,6 @@ async def _cmd_sweep(args: argparse.Namespace, out: IO[str]) -> int:
         expired = await backend.count_sessions() - await backend.count_sessions(active_at=now)
         cutoff = None if retention is None else now - round(retention * 1000)
         old = None if cutoff is None else await backend.count_requests(RequestQuery(until=cutoff))
-    verb = "would delete" if args.dry_run else "deleted"
     if not args.dry_run:
         manager = SessionManager(
             backend_from_url(args.db), config=StoreConfig(log_retention=retention)
@@ -453,14 +461,15 @@ async def _cmd_sweep(args: argparse.Namespace, out: IO[str]) -> int:
         async with manager:
             expired = await manager.cleanup()
             old = await manager.purge_records() if retention is not None else None
-    out.write(f"{verb} {expired} expired sessions\n")
-    if cutoff is None:
-        out.write("records kept (no --retention given)\n")
+    done = "to delete" if args.dry_run else "deleted"
+    out.write(f"expired sessions {done}: {expired}\n")
+    if retention is None or cutoff is None:
+        out.write("old requests: kept (no --retention given)\n")
     else:
+        age = format_duration_ms(round(retention * 1000))
         out.write(
-            f"{verb} {old} requests and their responses older than"
-            f" {format_duration_ms(round(cast(float, retention) * 1000))}"
-            f" (before {format_local(cutoff)})\n"
+            f"old requests {done}: {old} (with their responses; older than {age},"
+            f" before {format_local(cutoff)})\n"
         )
     return 0
 
@@ -521,32 +530,23 @@ async def _cmd_migrate(args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
-def _backup_target(path: str, source: str | None, *, force: bool) -> Path:
-    target = Path(path)
-    if target.exists():
-        if not force:
-            raise CliError(f"{target} exists; pass --force to overwrite it")
-        if source is not None and target.samefile(source):
-            raise CliError(f"{target} is the database itself")
-    return target
-
-
 async def _cmd_backup(args: argparse.Namespace, out: IO[str]) -> int:
+    # The source is only read (SQLite's online backup API copies it page by page, consistent
+    # even while a proxy writes); the backend refuses to overwrite an existing PATH.
     async with _reader(args.db) as backend:
-        target = _backup_target(args.path, getattr(backend, "path", None), force=args.force)
         try:
-            await backend.backup(os.fspath(target))
+            await backend.backup(args.path)
         except NotImplementedError as exc:
             raise CliError(str(exc)) from None
     # Open the copy as any reader would: a backup that cannot be read is no backup.
-    async with _reader(os.fspath(target)) as copy:
+    async with _reader(args.path) as copy:
         sessions = await copy.count_sessions()
         requests = await copy.count_requests(RequestQuery())
-    out.write(f"backed up {sessions} sessions and {requests} requests to {target}\n")
+    out.write(f"backed up {sessions} sessions and {requests} requests to {args.path}\n")
     return 0
 
 
-# -- the parser ---------------------------------------------------------------------------------
+# -- the parser ------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -562,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--db",
         default=os.environ.get(DB_ENV) or DEFAULT_DB,
         metavar="PATH",
-        help="a SQLite path, sqlite:///path or postgresql://... (default: %(default)s)",
+        # The default is not shown: from the environment it may be a DSN with a password.
+        help=f"a SQLite path, sqlite:///path or postgresql://... (default: ${DB_ENV}, else"
+        f" {DEFAULT_DB})",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -634,8 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--list", action="store_true", help="show pending migrations; change nothing")
 
     sub = command("backup", _cmd_backup, "a consistent copy of the store, even while in use")
-    sub.add_argument("path", metavar="PATH")
-    sub.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    sub.add_argument("path", metavar="PATH", help="a new file (never overwritten)")
     return parser
 
 

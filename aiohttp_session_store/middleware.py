@@ -73,6 +73,14 @@ class Recording:
     session: Session | None = None
     request_queued: bool = False
     response_queued: bool = False
+    #: One id per call: a response recorded early (sync, before a stream's end) and again
+    #: at the end is one row.
+    response_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    recorded_early: bool = False
+    #: What is known before the handler, kept so a call cancelled early is still recorded.
+    raw: bytes | None = None
+    body: Any = None
+    session_id: str | None = None
     #: Sync durability: records the reply before its last bytes leave (see capture).
     before_eof: Callable[[], Awaitable[None]] | None = None
     capture: ResponseCapture | None = None
@@ -174,7 +182,7 @@ class _Recorder:
         stream = body.get("stream") is True if isinstance(body, dict) else False
         record = RequestRecord(
             request_id=rec.request_id,
-            session_id=rec.session.id if rec.session else None,
+            session_id=rec.session.id if rec.session else rec.session_id,
             timestamp=ts,
             method=request.method,
             path=request.path,
@@ -195,10 +203,14 @@ class _Recorder:
         outcome: Outcome,
         body: CapturedBody | None,
         error: str | None,
+        again: bool = False,
     ) -> None:
-        """Hand the response record over. Synchronous: safe in a `finally` after a cancel."""
-        if rec.response_queued:
-            return  # recorded already, before the end of a streamed reply was sent
+        """Hand the response record over. Synchronous: safe in a `finally` after a cancel.
+
+        `again` replaces a record handed over earlier for this call (same response_id).
+        """
+        if rec.response_queued and not again:
+            return
         rec.response_queued = True
         if not rec.request_queued:
             return  # its request was dropped (storage failing): a lone response would dangle
@@ -222,9 +234,9 @@ class _Recorder:
             if upstream is not None:
                 self.writer.put_upstream_request(rec.request_id, upstream)
         record = ResponseRecord(
-            response_id=uuid.uuid4().hex,
+            response_id=rec.response_id,
             request_id=rec.request_id,
-            session_id=rec.session.id if rec.session else None,
+            session_id=rec.session.id if rec.session else rec.session_id,
             timestamp=ts,
             status_code=status,
             outcome=outcome,
@@ -289,7 +301,7 @@ async def _handle(
     except asyncio.CancelledError:
         # The client left while the body was read or the session resolved: still one
         # request row and one response row, as for every call on a session path.
-        recorder.queue_request(request, rec, None, None, ts)
+        recorder.queue_request(request, rec, rec.raw, rec.body, ts)
         recorder.queue_response(
             rec, status=None, outcome="client_disconnected", body=None, error="cancelled"
         )
@@ -327,11 +339,13 @@ async def _before_handler(
     except web.HTTPRequestEntityTooLarge as exc:
         reason = exc.text or "request body too large"
         return None, None, _error_response(413, reason, "invalid_request_error")
+    rec.raw = raw
     if raw:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
             body = None
+    rec.body = body
     try:
         session_id, text = recorder.session_id_for(request, body)
     except InvalidSessionIdError as exc:
@@ -339,6 +353,7 @@ async def _before_handler(
         return raw, body, _error_response(400, message, "invalid_request_error")
     if session_id is None:
         return raw, body, None
+    rec.session_id = session_id
     try:
         rec.session = await _resolve(recorder.manager, session_id, text)
     except asyncio.CancelledError:
@@ -383,6 +398,7 @@ async def _run_handler(
                 body=capture.result(),
                 error=repr(failed) if failed else None,
             )
+            rec.recorded_early = True
             await recorder.commit()
 
         rec.before_eof = record_before_eof
@@ -410,7 +426,8 @@ async def _run_handler(
         raise
     except Exception as exc:
         outcome, error = "handler_error", f"{type(exc).__name__}: {exc}"
-        status = _status_sent(rec)
+        # Nothing sent yet: aiohttp answers the client with a 500 for us.
+        status = _status_sent(rec) or 500
         raise
     finally:
         try:
@@ -419,7 +436,14 @@ async def _run_handler(
                 if response is not None
                 else (rec.capture.result() if rec.capture is not None else None)
             )
-            recorder.queue_response(rec, status=status, outcome=outcome, body=body, error=error)
+            recorder.queue_response(
+                rec,
+                status=status,
+                outcome=outcome,
+                body=body,
+                error=error,
+                again=rec.recorded_early,
+            )
         except Exception:
             # Recording must never turn a served call into a failed one.
             log.exception("cannot record the response of %s", rec.request_id)

@@ -59,7 +59,7 @@ _TOKEN_KEY: Final = web.AppKey("aiohttp_session_store.query.token", bytes)
 _STATES: Final = ("all", "active", "expired")
 
 
-# -- the JSON forms (shared with the CLI) ---------------------------------------------------
+# -- the JSON forms (shared with the CLI) ----------------------------------------------------------
 
 
 def _loads(text: str | None) -> Any:
@@ -191,7 +191,7 @@ def exchange_json(exchange: Exchange, *, bodies: bool = False) -> dict[str, Any]
     return out
 
 
-# -- the sub-application -----------------------------------------------------------------------
+# -- the sub-application ---------------------------------------------------------------------------
 
 
 class _ApiError(Exception):

@@ -20,8 +20,9 @@ __all__ = (
 )
 
 _UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-_PART_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_DURATION_RE: Final = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_PART_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smhdw])", re.ASCII)
+# re.ASCII: \d would otherwise match any script's digits, which float() and int() accept.
+_DURATION_RE: Final = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+", re.ASCII)
 
 # Larger values are typos, and their milliseconds would overflow a 64-bit column.
 MAX_DURATION_SECONDS: Final = 100 * 366 * 86_400
@@ -31,7 +32,8 @@ MAX_DURATION_SECONDS: Final = 100 * 366 * 86_400
 _ISO_RE: Final = re.compile(
     r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})"
     r"(?:[T ](?P<h>\d{2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?)?"
+    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?)?",
+    re.ASCII,
 )
 
 _TIME_HELP: Final = (
@@ -135,7 +137,10 @@ def format_local(ms: int, tz: tzinfo | None = None) -> str:
 
 
 def format_duration_ms(ms: int | None) -> str:
-    """A short human duration: `850ms`, `1.2s`, `42s`, `3m 05s`, `2h 10m`, `3d 4h`; `-` for None."""
+    """A short human duration: `850ms`, `1.2s`, `42s`, `3m 05s`, `2h`, `3d 4h`; `-` for None.
+
+    Two units at most, the smaller one left out when it is zero.
+    """
     if ms is None:
         return "-"
     if ms < 0:
@@ -149,9 +154,9 @@ def format_duration_ms(ms: int | None) -> str:
         return f"{seconds}s"
     minutes, seconds = divmod(seconds, 60)
     if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
+        return f"{minutes}m {seconds:02d}s" if seconds else f"{minutes}m"
     hours, minutes = divmod(minutes, 60)
     if hours < 24:
-        return f"{hours}h {minutes:02d}m"
+        return f"{hours}h {minutes:02d}m" if minutes else f"{hours}h"
     days, hours = divmod(hours, 24)
-    return f"{days}d {hours}h"
+    return f"{days}d {hours}h" if hours else f"{days}d"

@@ -241,6 +241,9 @@ class RecordWriter:
                 raise
             except Exception as exc:
                 self.write_errors += 1
+                if self._backend.is_permanent_error(exc):
+                    await self._commit_one_by_one(batch, exc)
+                    return
                 if not self._failing:
                     self._failing = True
                     log.error(
@@ -261,3 +264,32 @@ class RecordWriter:
             self.records_written += len(batch.requests) + len(batch.responses)
             self.batches_committed += 1
             return
+
+    async def _commit_one_by_one(self, batch: WriteBatch, first: Exception) -> None:
+        """Salvage a batch a bad item poisoned: commit items singly, drop the bad ones."""
+        log.error(
+            "a batch of %d items was refused (%s); committing item by item", len(batch), first
+        )
+        singles = [
+            *(WriteBatch(sessions=[s]) for s in batch.sessions),
+            *(WriteBatch(deleted_sessions=[d]) for d in batch.deleted_sessions),
+            *(WriteBatch(requests=[r]) for r in batch.requests),
+            *(WriteBatch(upstream_requests=[u]) for u in batch.upstream_requests),
+            *(WriteBatch(responses=[r]) for r in batch.responses),
+        ]
+        for single in singles:
+            try:
+                await self._backend.write_batch(single)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._backend.is_permanent_error(exc):
+                    # Storage itself failing now: back to the retrying path for this item.
+                    await self._commit(single)
+                    continue
+                self.write_errors += 1
+                self.records_dropped += len(single)
+                log.error("dropped a record the database refused: %s", exc)
+            else:
+                self.records_written += len(single.requests) + len(single.responses)
+        self.batches_committed += 1

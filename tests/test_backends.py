@@ -634,11 +634,15 @@ async def test_replayed_batch_is_harmless(backend: Backend) -> None:
     assert exchange.response == make_response("r1")
 
 
-async def test_replayed_records_keep_their_first_version(backend: Backend) -> None:
-    await backend.write_batch(
-        WriteBatch(requests=[make_request("r1", body="first")], responses=[make_response("r1")])
-    )
-    # Same ids, different content: records are immutable once written.
+async def test_replayed_records_are_harmless_and_a_response_can_be_rewritten(
+    backend: Backend,
+) -> None:
+    first = WriteBatch(requests=[make_request("r1", body="first")], responses=[make_response("r1")])
+    await backend.write_batch(first)
+    await backend.write_batch(first)  # a batch whose commit outcome was unknown, replayed
+    assert await backend.count_requests(RequestQuery()) == 1
+    # Requests are immutable once written; a response recorded again under its id (sync
+    # durability records a stream before its end, then once more) takes the new values.
     await backend.write_batch(
         WriteBatch(
             requests=[make_request("r1", body="second")],
@@ -648,7 +652,25 @@ async def test_replayed_records_keep_their_first_version(backend: Backend) -> No
     exchange = await backend.get_exchange("r1")
     assert exchange is not None
     assert exchange.request.openai_request == "first"
-    assert exchange.response == make_response("r1")
+    assert exchange.response == make_response("r1", body="second")
+    assert len(await backend.response_facts(RequestQuery())) == 1
+
+
+async def test_delete_records_before_keeps_calls_still_in_flight(backend: Backend) -> None:
+    # r-old ended long ago; r-live is old too but has no response yet (still streaming).
+    await backend.write_batch(
+        WriteBatch(
+            requests=[make_request("r-old", ts=T0), make_request("r-live", ts=T0 + 1)],
+            responses=[make_response("r-old", ts=T0)],
+        )
+    )
+    assert await backend.delete_records_before(T0 + 10, 10) == 1
+    assert await backend.get_exchange("r-old") is None
+    assert await backend.get_exchange("r-live") is not None
+    # Its response can still be written: the request it refers to is there.
+    await backend.write_batch(WriteBatch(responses=[make_response("r-live", ts=T0 + 20)]))
+    # A request left without a response a day past the cutoff is an orphan and goes.
+    assert await backend.delete_records_before(T0 + 10 + 86_400_001, 10) == 1
 
 
 async def test_write_batch_session_snapshots_and_deletes(backend: Backend) -> None:

@@ -151,6 +151,14 @@ class Backend(abc.ABC):
     async def response_facts(self, query: RequestQuery) -> list[ResponseFact]:
         """Measurable fields of the responses whose request matches `query`."""
 
+    def is_permanent_error(self, exc: BaseException) -> bool:
+        """True when retrying `write_batch` cannot help (a constraint or data error).
+
+        The writer then commits the batch's items one by one and drops only the bad ones,
+        instead of retrying (as it does for a full disk or a lock) forever.
+        """
+        return False
+
     async def backup(self, destination: str) -> None:
         """Write a consistent copy of the store to `destination` while it is in use."""
         raise NotImplementedError(

@@ -134,10 +134,28 @@ _INSERT_REQUEST: Final = (
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_REQUEST_COLUMNS) + 1))}) "
     "ON CONFLICT (request_id) DO NOTHING"
 )
+_ORPHAN_GRACE_MS: Final = 86_400_000
+_MUTABLE_RESPONSE_COLUMNS: Final = (
+    "status_code",
+    "outcome",
+    "openai_response",
+    "upstream_response",
+    "parent_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "finish_reason",
+    "error",
+    "duration_ms",
+    "first_byte_ms",
+)
 _INSERT_RESPONSE: Final = (
     f"INSERT INTO responses ({', '.join(_RESPONSE_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_RESPONSE_COLUMNS) + 1))}) "
-    "ON CONFLICT (response_id) DO NOTHING"
+    # An upsert: sync durability records a stream's reply before its end is sent, then
+    # again, under the same response_id, with what the handler did after it.
+    "ON CONFLICT (response_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _MUTABLE_RESPONSE_COLUMNS)
 )
 
 # Exchanges: the request's columns as they are, the response's prefixed, so one row carries
@@ -703,16 +721,24 @@ class PostgresBackend(Backend):
                 if attempt == _WRITE_ATTEMPTS:
                     raise
 
+    def is_permanent_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError))
+
     async def delete_records_before(self, cutoff: int, limit: int) -> int:
         if limit <= 0:
             return 0
         async with self._writable().acquire() as conn, conn.transaction():
             # SKIP LOCKED: concurrent retention sweeps from several instances split the work
             # instead of queueing on (or double-counting) the same rows.
+            # Only ended calls (a response exists), so an in-flight call's response never
+            # loses its request; orphans a day past the cutoff (a crash lost their
+            # response) go too.
             rows = await conn.fetch(
-                "SELECT request_id FROM requests WHERE timestamp < $1"
-                " ORDER BY timestamp, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                "SELECT request_id FROM requests WHERE timestamp < $1 AND (timestamp < $2"
+                " OR EXISTS (SELECT 1 FROM responses p WHERE p.request_id = requests.request_id))"
+                " ORDER BY timestamp, id LIMIT $3 FOR UPDATE SKIP LOCKED",
                 cutoff,
+                cutoff - _ORPHAN_GRACE_MS,
                 limit,
             )
             if not rows:

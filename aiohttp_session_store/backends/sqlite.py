@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -127,19 +128,42 @@ _INSERT_REQUEST: Final = (
     f"VALUES ({', '.join('?' for _ in _REQUEST_COLUMNS)}) "
     "ON CONFLICT(request_id) DO NOTHING"
 )
+_MUTABLE_RESPONSE_COLUMNS: Final = (
+    "status_code",
+    "outcome",
+    "openai_response",
+    "upstream_response",
+    "parent_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "finish_reason",
+    "error",
+    "duration_ms",
+    "first_byte_ms",
+)
 _INSERT_RESPONSE: Final = (
     f"INSERT INTO responses ({', '.join(_RESPONSE_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _RESPONSE_COLUMNS)}) "
-    "ON CONFLICT(response_id) DO NOTHING"
+    # An upsert: sync durability records a stream's reply before its end is sent, then
+    # again, under the same response_id, with what the handler did after it.
+    "ON CONFLICT(response_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _MUTABLE_RESPONSE_COLUMNS)
 )
 _UPDATE_UPSTREAM: Final = "UPDATE requests SET upstream_request = ? WHERE request_id = ?"
 
 # Retention: the oldest `limit` requests before the cutoff. Evaluated twice in one IMMEDIATE
 # transaction (responses first, they reference their request); nothing can change in
 # between and the order is total, so both statements see the same ids.
+# Only requests whose call has ended (a response row exists) qualify: deleting the request
+# of a call still in flight would leave its response nothing to reference. A request with
+# no response a day past the cutoff is an orphan (a crash lost its response) and goes too.
 _OLD_REQUEST_IDS: Final = (
-    "SELECT request_id FROM requests WHERE timestamp < ? ORDER BY timestamp, id LIMIT ?"
+    "SELECT request_id FROM requests WHERE timestamp < ? AND (timestamp < ? OR EXISTS"
+    " (SELECT 1 FROM responses r WHERE r.request_id = requests.request_id))"
+    " ORDER BY timestamp, id LIMIT ?"
 )
+ORPHAN_GRACE_MS: Final = 86_400_000
 
 # Exchanges: a request's columns, then its response's. A request normally has one response;
 # joining on the first one written (as the PostgreSQL backend does) means a duplicate could
@@ -489,6 +513,12 @@ class SQLiteBackend(Backend):
             self._db = None
             await db.close()
 
+    def is_permanent_error(self, exc: BaseException) -> bool:
+        # OperationalError (locked, disk full, read-only) is transient; these are not.
+        return isinstance(
+            exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
+        )
+
     async def backup(self, destination: str) -> None:
         """A consistent copy via SQLite's online backup API, safe while others write."""
         target_path = _new_file(destination)
@@ -737,13 +767,20 @@ class SQLiteBackend(Backend):
         if limit <= 0:
             return 0
         async with self._write() as db:
+            # The ids are chosen once: deleting the responses changes which requests the
+            # selection would match a second time.
+            rows = await _fetchall(db, _OLD_REQUEST_IDS, (cutoff, cutoff - ORPHAN_GRACE_MS, limit))
+            if not rows:
+                return 0
+            chosen = json.dumps([row[0] for row in rows])
             await db.execute(
-                f"DELETE FROM responses WHERE request_id IN ({_OLD_REQUEST_IDS})", (cutoff, limit)
+                "DELETE FROM responses WHERE request_id IN (SELECT value FROM json_each(?))",
+                (chosen,),
             )
             return await _rowcount(
                 db,
-                f"DELETE FROM requests WHERE request_id IN ({_OLD_REQUEST_IDS})",
-                (cutoff, limit),
+                "DELETE FROM requests WHERE request_id IN (SELECT value FROM json_each(?))",
+                (chosen,),
             )
 
     # -- queries -----------------------------------------------------------------------
