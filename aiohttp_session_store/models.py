@@ -19,6 +19,7 @@ __all__ = (
     "SessionQuery",
     "WriteBatch",
     "now_ms",
+    "storable",
 )
 
 Outcome = Literal["completed", "client_disconnected", "upstream_error", "handler_error"]
@@ -33,6 +34,21 @@ OUTCOMES: Final[tuple[Outcome, ...]] = (
 def now_ms() -> int:
     """Wall-clock time as integer milliseconds since the epoch (the unit of every column)."""
     return time.time_ns() // 1_000_000
+
+
+def storable(value: object) -> object:
+    """A value a database driver can encode: lone surrogates in a str become U+FFFD.
+
+    They reach us from JSON escapes ("\\ud800") and from undecodable header bytes, and no
+    database accepts them as UTF-8 text.
+    """
+    if type(value) is not str or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

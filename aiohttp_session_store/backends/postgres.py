@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar, Final, overload
+from typing import Any, ClassVar, Final, cast, overload
 
 # asyncpg ships no type information; the `unused-ignore` keeps this line clean once the
 # project's mypy configuration says so itself (`ignore_missing_imports` for asyncpg).
@@ -32,6 +32,7 @@ from ..models import (
     SessionQuery,
     WriteBatch,
     now_ms,
+    storable,
 )
 from .base import Backend
 
@@ -184,7 +185,10 @@ def _text(value: str | None) -> str | None:
     its escape, so a stored JSON body still parses to the same value. The price: a literal
     `\\u0000` and a raw NUL in non-JSON text read back the same. SQLite stores NUL as is.
     """
-    if value is None or "\x00" not in value:
+    if value is None:
+        return None
+    value = cast(str, storable(value))
+    if "\x00" not in value:
         return value
     return value.replace("\x00", "\\u0000")
 

@@ -28,6 +28,7 @@ from ..models import (
     SessionQuery,
     WriteBatch,
     now_ms,
+    storable,
 )
 from .base import Backend
 
@@ -225,15 +226,20 @@ def _session(row: _Row, *, is_new: bool = False) -> Session:
 
 
 def _session_args(s: Session) -> tuple[object, ...]:
-    return (
-        s.id,
-        s.chat_id,
-        s.parent_id,
-        s.first_user_message,
-        s.message_count,
-        s.created_at,
-        s.last_accessed,
-        s.expires_at,
+    return tuple(
+        map(
+            storable,
+            (
+                s.id,
+                s.chat_id,
+                s.parent_id,
+                s.first_user_message,
+                s.message_count,
+                s.created_at,
+                s.last_accessed,
+                s.expires_at,
+            ),
+        )
     )
 
 
@@ -254,18 +260,23 @@ def _request(row: _Row) -> RequestRecord:
 
 
 def _request_args(r: RequestRecord) -> tuple[object, ...]:
-    return (
-        r.request_id,
-        r.session_id,
-        r.timestamp,
-        r.method,
-        r.path,
-        r.model,
-        1 if r.stream else 0,
-        r.openai_request,
-        r.upstream_request,
-        r.headers,
-        r.created_at,
+    return tuple(
+        map(
+            storable,
+            (
+                r.request_id,
+                r.session_id,
+                r.timestamp,
+                r.method,
+                r.path,
+                r.model,
+                1 if r.stream else 0,
+                r.openai_request,
+                r.upstream_request,
+                r.headers,
+                r.created_at,
+            ),
+        )
     )
 
 
@@ -292,24 +303,29 @@ def _response(row: _Row) -> ResponseRecord:
 
 
 def _response_args(r: ResponseRecord) -> tuple[object, ...]:
-    return (
-        r.response_id,
-        r.request_id,
-        r.session_id,
-        r.timestamp,
-        r.status_code,
-        r.outcome,
-        r.openai_response,
-        r.upstream_response,
-        r.parent_id,
-        r.prompt_tokens,
-        r.completion_tokens,
-        r.total_tokens,
-        r.finish_reason,
-        r.error,
-        r.duration_ms,
-        r.first_byte_ms,
-        r.created_at,
+    return tuple(
+        map(
+            storable,
+            (
+                r.response_id,
+                r.request_id,
+                r.session_id,
+                r.timestamp,
+                r.status_code,
+                r.outcome,
+                r.openai_response,
+                r.upstream_response,
+                r.parent_id,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.total_tokens,
+                r.finish_reason,
+                r.error,
+                r.duration_ms,
+                r.first_byte_ms,
+                r.created_at,
+            ),
+        )
     )
 
 
@@ -516,7 +532,8 @@ class SQLiteBackend(Backend):
     def is_permanent_error(self, exc: BaseException) -> bool:
         # OperationalError (locked, disk full, read-only) is transient; these are not.
         return isinstance(
-            exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
+            exc,
+            (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError, UnicodeError),
         )
 
     async def backup(self, destination: str) -> None:
