@@ -21,7 +21,18 @@ class InvalidSessionIdError(StoreError, ValueError):
 
 
 class SchemaVersionError(StoreError):
-    """The database was written by a newer version of this package, or needs migrating first."""
+    """The database was written by a newer version of this package, or needs migrating first.
+
+    `found` is the schema version of the database and `supported` the newest this package
+    knows, when the backend could read them (None otherwise).
+    """
+
+    def __init__(
+        self, message: str, *, found: int | None = None, supported: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.found = found
+        self.supported = supported
 
 
 class DatabaseNotFoundError(StoreError):

@@ -221,7 +221,8 @@ class _Params:
         for name in query:
             if name not in allowed:
                 # A misspelt filter must not silently return everything.
-                _bad(f"unknown parameter {name!r}; this endpoint takes: {', '.join(allowed)}")
+                takes = f"takes: {', '.join(allowed)}" if allowed else "takes no parameters"
+                _bad(f"unknown parameter {name!r}; this endpoint {takes}")
             if len(query.getall(name)) > 1:
                 _bad(f"parameter {name!r} is given more than once")
         self._query = query

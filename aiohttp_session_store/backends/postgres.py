@@ -479,7 +479,9 @@ class PostgresBackend(Backend):
         if current < latest:
             raise SchemaVersionError(
                 f"the store's schema is at version {current}, this package needs {latest}:"
-                " run migrate"
+                " run migrate",
+                found=current,
+                supported=latest,
             )
 
     async def close(self) -> None:
@@ -568,7 +570,9 @@ class PostgresBackend(Backend):
     def _newer_error(self, current: int, latest: int) -> SchemaVersionError:
         return SchemaVersionError(
             f"the store's schema is at version {current}, newer than this package's {latest}:"
-            " upgrade aiohttp_session_store (the database was left untouched)"
+            " upgrade aiohttp_session_store (the database was left untouched)",
+            found=current,
+            supported=latest,
         )
 
     # -- sessions ----------------------------------------------------------------------

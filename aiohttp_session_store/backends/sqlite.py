@@ -454,7 +454,9 @@ class SQLiteBackend(Backend):
                         raise SchemaVersionError(
                             f"database {self._path} is at schema version {version}, this"
                             f" version of aiohttp_session_store needs {self._latest}: run"
-                            f" `python -m aiohttp_session_store --db {self._path} migrate`"
+                            f" `python -m aiohttp_session_store --db {self._path} migrate`",
+                            found=version,
+                            supported=self._latest,
                         )
                 else:
                     # Only after the version check: switching a rollback-journal file to
@@ -619,7 +621,9 @@ class SQLiteBackend(Backend):
             raise SchemaVersionError(
                 f"database {self._path} is at schema version {version}, newer than this"
                 f" version of aiohttp_session_store supports ({self._latest}): upgrade the"
-                " package"
+                " package",
+                found=version,
+                supported=self._latest,
             )
 
     async def schema_version(self) -> int:

@@ -1,0 +1,922 @@
+"""The command line (cli.py) on databases filled through the middleware.
+
+`main([...])` runs in-process with its output captured; the exit codes and one-line errors a
+shell sees are also checked through `python -m aiohttp_session_store` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient
+from test_query import (  # the chat app and conversations shared with the query API tests
+    FILLED,
+    HELLO,
+    INJECTIONS,
+    STORY,
+    STREAM_PIECES,
+    chat_app,
+    converse,
+    post,
+)
+
+from aiohttp_session_store.backends import backend_from_url
+from aiohttp_session_store.backends.base import Backend
+from aiohttp_session_store.cli import DB_ENV, main
+from aiohttp_session_store.models import (
+    RequestRecord,
+    ResponseRecord,
+    Session,
+    WriteBatch,
+    now_ms,
+)
+
+PG_DSN = os.environ.get("AIOHTTP_SESSION_STORE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+ISO_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+DAY = 86_400_000
+ERROR_LINE = re.compile(r"aiohttp-session-store: error: \S.*\n")
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+# -- filling a store -------------------------------------------------------------------------------
+
+
+async def fill(database: str | Backend) -> None:
+    """The seven calls of `converse`, through the middleware of a served app."""
+    app, _ = chat_app(database)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        await converse(client)
+    finally:
+        await client.close()  # commits everything and closes the store
+
+
+async def add_history(database: str) -> None:
+    """An expired session and one call 40 days old (time travel the middleware cannot do)."""
+    backend = backend_from_url(database)
+    await backend.open()
+    old = now_ms() - 40 * DAY
+    try:
+        await backend.write_batch(
+            WriteBatch(
+                sessions=[Session("old-session", None, "p9", "ancient", 3, old, old, old + 60_000)],
+                requests=[
+                    RequestRecord(
+                        "old-request",
+                        "old-session",
+                        old,
+                        "POST",
+                        "/v1/chat/completions",
+                        "gpt-3.5",
+                        False,
+                        '{"messages": []}',
+                        None,
+                        "{}",
+                        old,
+                    )
+                ],
+                responses=[
+                    ResponseRecord(
+                        "old-response",
+                        "old-request",
+                        "old-session",
+                        old,
+                        200,
+                        "completed",
+                        "{}",
+                        None,
+                        None,
+                        1,
+                        1,
+                        2,
+                        "stop",
+                        None,
+                        100,
+                        50,
+                        old,
+                    )
+                ],
+            )
+        )
+    finally:
+        await backend.close()
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "sessions.db"
+    asyncio.run(fill(str(path)))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["sessions.db"]
+    return path
+
+
+@pytest.fixture
+def db(template: Path, tmp_path: Path) -> Path:
+    """A private copy of the filled database, alone in its directory."""
+    path = tmp_path / "store" / "sessions.db"
+    path.parent.mkdir()
+    shutil.copyfile(template, path)
+    return path
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Run:
+    def run(*argv: str | Path) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def run_json(run: Run, *argv: str | Path) -> Any:
+    code, out, err = run(*argv, "--json")
+    assert (code, err) == (0, ""), err
+    return json.loads(out)
+
+
+def rows(path: Path) -> dict[str, int]:
+    """Row counts per table, read with sqlite3 itself (not through the package)."""
+    uri = path.resolve().as_uri() + "?mode=ro&immutable=1"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {n: conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- sessions --------------------------------------------------------------------------------------
+
+
+def test_sessions_table(run: Run, db: Path) -> None:
+    code, out, err = run("--db", db, "sessions")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "ID",
+        "CHAT",
+        "PARENT",
+        "MSGS",
+        "CREATED",
+        "LAST",
+        "USED",
+        "EXPIRES",
+        "FIRST",
+        "MESSAGE",
+    ]
+    assert len(lines) == 1 + FILLED.sessions
+    hello = next(line for line in lines if line.startswith(FILLED.hello))
+    assert f"chat-{FILLED.hello[:8]}" in hello
+    assert " msg-2 " in hello
+    assert hello.endswith(HELLO)
+    assert "in 30m" in hello or "in 29m" in hello
+    story = next(line for line in lines if line.startswith(FILLED.story))
+    # Shortened to one line of 40 characters, the newline gone.
+    assert story.endswith("Write a haiku about the sea with a seco…")
+
+
+def test_sessions_json(run: Run, db: Path) -> None:
+    sessions = run_json(run, "--db", db, "sessions")
+    assert [s["id"] for s in sessions][-1] == FILLED.hello  # newest first
+    assert len(sessions) == FILLED.sessions
+    hello = sessions[-1]
+    assert hello == {
+        "id": FILLED.hello,
+        "chat_id": f"chat-{FILLED.hello[:8]}",
+        "parent_id": "msg-2",
+        "first_user_message": HELLO,
+        "message_count": 2,
+        "created_at": hello["created_at"],
+        "last_accessed": hello["last_accessed"],
+        "expires_at": hello["expires_at"],
+        "expired": False,
+    }
+    for key in ("created_at", "last_accessed", "expires_at"):
+        assert ISO_RE.fullmatch(hello[key])
+    story = next(s for s in sessions if s["id"] == FILLED.story)
+    assert story["first_user_message"] == STORY  # whole, never shortened in JSON
+
+
+def test_sessions_filters_limit_and_order(run: Run, db: Path) -> None:
+    asyncio.run(add_history(str(db)))
+    assert len(run_json(run, "--db", db, "sessions")) == FILLED.sessions + 1
+    assert len(run_json(run, "--db", db, "sessions", "--active")) == FILLED.sessions
+    expired = run_json(run, "--db", db, "sessions", "--expired")
+    assert [(s["id"], s["expired"]) for s in expired] == [("old-session", True)]
+    assert len(run_json(run, "--db", db, "sessions", "--limit", "2")) == 2
+    assert len(run_json(run, "--db", db, "sessions", "--limit", "0")) == FILLED.sessions + 1
+    oldest = run_json(run, "--db", db, "sessions", "--order", "created_at_asc", "--limit", "2")
+    assert [s["id"] for s in oldest] == ["old-session", FILLED.hello]
+    _code, out, _ = run("--db", db, "sessions", "--expired")
+    assert "expired 39d 23h ago" in out  # expired a minute after it was created
+
+
+def test_sessions_empty(run: Run, db: Path) -> None:
+    assert run("--db", db, "sessions", "--expired") == (0, "no sessions\n", "")
+    assert run_json(run, "--db", db, "sessions", "--expired") == []
+
+
+def test_db_option_after_the_command_and_from_the_environment(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert len(run_json(run, "sessions", "--db", db)) == FILLED.sessions
+    monkeypatch.setenv(DB_ENV, str(db))
+    assert len(run_json(run, "sessions")) == FILLED.sessions
+    code, _, err = run("--db", db.with_name("other.db"), "sessions")
+    assert code == 1
+    assert "other.db" in err
+
+
+# -- show ------------------------------------------------------------------------------------------
+
+
+def test_show_transcript(run: Run, db: Path) -> None:
+    code, out, err = run("--db", db, "show", FILLED.story)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"session    {FILLED.story}"
+    assert "messages   2" in lines
+    first = lines.index(next(line for line in lines if line.startswith("#1 ")))
+    assert "qwen-max  stream  200 completed  tokens 10/5/15" in lines[first]
+    assert "first byte" in lines[first]
+    # The whole first message, its newline kept as a continuation line.
+    assert lines[first + 1] == "    user:  Write a haiku about the sea"
+    assert lines[first + 2] == "           with a second line, so that it is longer than forty"
+    assert lines[first + 3] == "    reply: " + "".join(STREAM_PIECES)
+    assert any(line.startswith("#2 ") for line in lines)
+    assert "    user:  Another one" in lines
+
+
+def test_show_json(run: Run, db: Path) -> None:
+    shown = run_json(run, "--db", db, "show", FILLED.hello)
+    assert shown["session"]["id"] == FILLED.hello
+    turns = shown["requests"]
+    assert [t["user_message"] for t in turns] == [HELLO, "Tell me more"]  # oldest first
+    assert [t["response"]["reply"] for t in turns] == [f"echo: {HELLO}", "echo: Tell me more"]
+    for turn in turns:
+        assert turn["session_id"] == FILLED.hello
+        assert ISO_RE.fullmatch(turn["timestamp"])
+        response = turn["response"]
+        assert response["outcome"] == "completed"
+        assert (response["prompt_tokens"], response["total_tokens"]) == (10, 15)
+        assert isinstance(response["duration_ms"], int)
+        assert "openai_response" not in response
+    assert turns[1]["response"]["parent_id"] == "msg-2"
+
+
+def test_show_errors_and_outcomes(run: Run, db: Path) -> None:
+    code, out, _ = run("--db", db, "show", FILLED.crash)
+    assert code == 0
+    assert "handler_error" in out
+    assert "    error: RuntimeError: handler bug" in out.splitlines()
+    code, out, _err = run("--db", db, "show", FILLED.fail)
+    assert "502 upstream_error" in out
+    assert "    reply: [error] bad gateway" in out.splitlines()
+
+
+def test_show_unknown_session(run: Run, db: Path) -> None:
+    code, out, err = run("--db", db, "show", "no-such-session")
+    assert (code, out) == (1, "")
+    assert ERROR_LINE.fullmatch(err)
+    assert "no session 'no-such-session'" in err
+
+
+def test_show_a_swept_session_still_shows_its_records(run: Run, db: Path) -> None:
+    asyncio.run(add_history(str(db)))
+    assert run("--db", db, "sweep")[0] == 0
+    code, out, _ = run("--db", db, "show", "old-session")
+    assert code == 0
+    assert out.startswith("session    old-session (row gone: expired or deleted)")
+    assert "gpt-3.5" in out
+    shown = run_json(run, "--db", db, "show", "old-session")
+    assert shown["session"] is None
+    assert [t["request_id"] for t in shown["requests"]] == ["old-request"]
+
+
+def test_terminal_escapes_in_records_are_neutralised(run: Run, db: Path) -> None:
+    async def hostile() -> None:
+        app, _store = chat_app(str(db))
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            await post(client, "gpt-4o", "\x1b[2J\x1b]0;pwned\x07 hi \u202egnp.exe")
+        finally:
+            await client.close()
+
+    asyncio.run(hostile())
+    for argv in (["sessions"], ["requests"]):
+        code, out, _ = run("--db", db, *argv)
+        assert code == 0
+        assert "\x1b" not in out
+        assert "\x07" not in out
+        assert "\u202e" not in out
+        assert "␛[2J" in out
+    session = run_json(run, "--db", db, "sessions", "--limit", "1")[0]
+    code, out, _ = run("--db", db, "show", session["id"])
+    assert "\x1b" not in out
+    assert "␛]0;pwned␇ hi \ufffdgnp.exe" in out
+    # JSON keeps the text exactly; json.dumps escapes the control characters itself.
+    assert session["first_user_message"].startswith("\x1b[2J")
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+
+def test_requests_table(run: Run, db: Path) -> None:
+    code, out, err = run("--db", db, "requests")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["TIME", "SESSION", "MODEL"]
+    assert len(lines) == 1 + FILLED.requests
+    assert FILLED.hello in lines[-1]
+    assert lines[-1].endswith(HELLO)
+    assert "upstream_error" in out
+    assert "handler_error" in out
+    no_session = next(line for line in lines if line.split()[2] == "-")
+    assert "completed" in no_session
+
+
+def test_requests_json(run: Run, db: Path) -> None:
+    listed = run_json(run, "--db", db, "requests")
+    assert len(listed) == FILLED.requests
+    assert set(listed[0]) == {
+        "request_id",
+        "session_id",
+        "timestamp",
+        "method",
+        "path",
+        "model",
+        "stream",
+        "user_message",
+        "response",
+    }
+    assert set(listed[0]["response"]) == {
+        "response_id",
+        "timestamp",
+        "status_code",
+        "outcome",
+        "finish_reason",
+        "parent_id",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "duration_ms",
+        "first_byte_ms",
+        "error",
+        "reply",
+    }
+    streamed = [r for r in listed if r["stream"]]
+    assert [r["response"]["reply"] for r in streamed] == ["".join(STREAM_PIECES)] * 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--session", FILLED.hello], 2),
+        (["--model", "qwen-max"], 3),
+        (["--model", "gpt-4o", "--session", FILLED.hello], 2),
+        (["--since", "1h"], 7),
+        (["--since", "2000-01-01"], 7),
+        (["--until", "1h"], 0),
+        (["--since", "2099-01-01T00:00"], 0),
+        (["--limit", "3"], 3),
+        (["--limit", "0"], 7),
+    ],
+)
+def test_requests_filters(run: Run, db: Path, argv: list[str], expected: int) -> None:
+    assert len(run_json(run, "--db", db, "requests", *argv)) == expected
+
+
+def test_requests_empty(run: Run, db: Path) -> None:
+    assert run("--db", db, "requests", "--model", "nope") == (0, "no requests\n", "")
+
+
+# -- stats -----------------------------------------------------------------------------------------
+
+
+def test_stats_json(run: Run, db: Path) -> None:
+    stats = run_json(run, "--db", db, "stats")
+    assert stats["requests"] == FILLED.requests
+    assert stats["outcomes"] == {
+        "completed": 5,
+        "client_disconnected": 0,
+        "upstream_error": 1,
+        "handler_error": 1,
+    }
+    assert stats["tokens"] == {"prompt": 50, "completion": 25, "total": 75}
+    assert set(stats["duration_ms"]) == {"p50", "p95"}
+    assert [m["model"] for m in stats["by_model"]] == ["gpt-4o", "qwen-max"]
+    assert [m["requests"] for m in stats["by_model"]] == [4, 3]
+    one = run_json(run, "--db", db, "stats", "--session", FILLED.story)
+    assert (one["requests"], one["tokens"]["total"]) == (2, 30)
+    assert run_json(run, "--db", db, "stats", "--since", "2099-01-01")["requests"] == 0
+
+
+def test_stats_table(run: Run, db: Path) -> None:
+    code, out, _ = run("--db", db, "stats")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["MODEL", "CALLS", "OK"]
+    assert [line.split()[:5] for line in lines[1:]] == [
+        ["gpt-4o", "4", "3", "0", "1"],
+        ["qwen-max", "3", "2", "0", "0"],
+        ["all", "7", "5", "0", "1"],
+    ]
+    assert run("--db", db, "stats", "--until", "2000-01-01") == (0, "no responses recorded\n", "")
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+def test_export_to_stdout(run: Run, db: Path) -> None:
+    code, out, err = run("--db", db, "export")
+    assert (code, err) == (0, "")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == FILLED.requests
+    assert lines[0]["user_message"] == HELLO  # oldest first
+    first = lines[0]
+    assert json.loads(first["openai_request"])["messages"][-1]["content"] == HELLO
+    assert first["headers"]["Authorization"] == "[REDACTED]"
+    assert json.loads(first["response"]["openai_response"])["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": f"echo: {HELLO}",
+    }
+    assert "upstream_response" in first["response"]
+    assert "upstream_request" in first
+
+
+def test_export_to_file_with_filters(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out" / "story.jsonl"
+    target.parent.mkdir()
+    code, out, err = run("--db", db, "export", "--session", FILLED.story, "--output", target)
+    assert (code, out) == (0, "")
+    assert err == f"exported 2 requests to {target}\n"
+    exported = [json.loads(line) for line in target.read_text("utf-8").splitlines()]
+    assert [e["user_message"] for e in exported] == [STORY, "Another one"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["story.jsonl"]
+    code, _, _ = run("--db", db, "export", "--model", "gpt-4o", "--since", "1h", "-o", target)
+    assert len(target.read_text("utf-8").splitlines()) == 4
+
+
+def test_export_pages_through_many_records(run: Run, db: Path) -> None:
+    async def many() -> None:
+        backend = backend_from_url(str(db))
+        await backend.open()
+        t = now_ms() - 1000
+        requests = [
+            RequestRecord(
+                f"bulk-{i:04d}",
+                None,
+                t + i // 100,
+                "POST",
+                "/v1/chat/completions",
+                "bulk",
+                False,
+                None,
+                None,
+                None,
+                t,
+            )
+            for i in range(1203)
+        ]
+        await backend.write_batch(WriteBatch(requests=requests))
+        await backend.close()
+
+    asyncio.run(many())
+    _code, out, _ = run("--db", db, "export", "--model", "bulk")
+    ids = [json.loads(line)["request_id"] for line in out.splitlines()]
+    assert ids == [f"bulk-{i:04d}" for i in range(1203)]  # every one, once, in order
+
+
+# -- sweep -----------------------------------------------------------------------------------------
+
+
+def test_sweep_dry_run_changes_nothing(run: Run, db: Path) -> None:
+    asyncio.run(add_history(str(db)))
+    before, digest = rows(db), sha256(db)
+    code, out, err = run("--db", db, "sweep", "--dry-run", "--retention", "30d")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "expired sessions to delete: 1"
+    assert lines[1].startswith("old requests to delete: 1 (with their responses; older than 30d,")
+    assert (rows(db), sha256(db)) == (before, digest)
+
+
+def test_sweep_expired_sessions_keeps_records(run: Run, db: Path) -> None:
+    asyncio.run(add_history(str(db)))
+    before = rows(db)
+    code, out, _ = run("--db", db, "sweep")
+    assert code == 0
+    assert out == "expired sessions deleted: 1\nold requests: kept (no --retention given)\n"
+    after = rows(db)
+    assert after["sessions"] == before["sessions"] - 1
+    assert (after["requests"], after["responses"]) == (before["requests"], before["responses"])
+    assert run("--db", db, "sweep")[1].startswith("expired sessions deleted: 0\n")
+
+
+def test_sweep_with_retention_deletes_old_records_only(run: Run, db: Path) -> None:
+    asyncio.run(add_history(str(db)))
+    code, out, _ = run("--db", db, "sweep", "--retention", "30d")
+    assert code == 0
+    assert out.splitlines()[1].startswith("old requests deleted: 1 (with their responses; older")
+    after = rows(db)
+    assert (after["requests"], after["responses"]) == (FILLED.requests, FILLED.requests)
+    assert after["sessions"] == FILLED.sessions
+    assert run("--db", db, "show", "old-session")[0] == 1  # nothing of it is left
+    code, out, _ = run("--db", db, "sweep", "--retention", "1w")
+    assert out.splitlines()[1].startswith("old requests deleted: 0 ")
+
+
+def test_sweep_refuses_a_missing_database(run: Run, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    code, _, err = run("--db", missing, "sweep")
+    assert code == 1
+    assert ERROR_LINE.fullmatch(err)
+    assert not missing.exists()  # not created by a writable open
+
+
+# -- migrate and backup ----------------------------------------------------------------------------
+
+
+def test_migrate_list_on_a_current_database(run: Run, db: Path) -> None:
+    digest = sha256(db)
+    code, out, _ = run("--db", db, "migrate", "--list")
+    assert code == 0
+    assert out == "schema version 1; this package's latest is 1\nnothing to migrate\n"
+    assert sha256(db) == digest
+
+
+def test_migrate_creates_and_is_idempotent(run: Run, tmp_path: Path) -> None:
+    new = tmp_path / "new" / "sessions.db"
+    code, out, _ = run("--db", new, "migrate")
+    assert code == 0
+    assert out == "applied  1  initial schema\nschema version 1\n"
+    assert set(rows(new)) >= {"sessions", "requests", "responses", "metadata"}
+    assert run("--db", new, "migrate")[1] == "schema version 1 (already up to date)\n"
+    assert run("--db", new, "migrate", "--list")[1].endswith("nothing to migrate\n")
+
+
+def test_migrate_list_on_an_older_schema_changes_nothing(run: Run, tmp_path: Path) -> None:
+    # An empty file is a SQLite database at schema version 0.
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    code, out, err = run("--db", empty, "migrate", "--list")
+    assert (code, err) == (0, ""), err
+    assert out == "schema version 0; this package's latest is 1\npending  1  initial schema\n"
+    assert empty.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+
+def test_migrate_refuses_a_foreign_file(run: Run, tmp_path: Path) -> None:
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("not a database\n")
+    for argv in (["migrate"], ["migrate", "--list"]):
+        code, _, err = run("--db", foreign, *argv)
+        assert code == 1
+        assert "not a SQLite database" in err
+    assert foreign.read_text() == "not a database\n"
+
+
+def test_backup(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "copy.db"
+    code, out, err = run("--db", db, "backup", target)
+    assert (code, err) == (0, "")
+    assert (
+        out == f"backed up {FILLED.sessions} sessions and {FILLED.requests} requests to {target}\n"
+    )
+    assert rows(target) == rows(db)
+    assert run_json(run, "--db", target, "show", FILLED.hello)["session"]["message_count"] == 2
+    code, _, err = run("--db", db, "backup", target)  # never overwrites
+    assert code == 1
+    assert ERROR_LINE.fullmatch(err)
+    assert "exists" in err
+
+
+# -- the read-only guarantee -----------------------------------------------------------------------
+
+
+READING = [
+    ["sessions"],
+    ["sessions", "--json", "--active"],
+    ["sessions", "--expired"],
+    ["show", FILLED.hello],
+    ["show", FILLED.story, "--json"],
+    ["requests", "--since", "1h", "--model", "gpt-4o"],
+    ["requests", "--json", "--session", FILLED.hello],
+    ["stats"],
+    ["stats", "--json", "--session", FILLED.story],
+    ["export"],
+    ["sweep", "--dry-run", "--retention", "1d"],
+    ["migrate", "--list"],
+]
+
+
+def test_reading_commands_never_change_the_file(run: Run, db: Path, tmp_path: Path) -> None:
+    digest, stat = sha256(db), db.stat()
+    for argv in READING:
+        code, out, err = run("--db", db, *argv)
+        assert (code, err) == (0, ""), (argv, err)
+        assert out
+    assert run("--db", db, "export", "--output", tmp_path / "x.jsonl")[0] == 0
+    assert run("--db", db, "backup", tmp_path / "b.db")[0] == 0
+    assert sha256(db) == digest
+    assert db.stat().st_mtime_ns == stat.st_mtime_ns
+    # No -wal, -shm or journal file was created next to it either.
+    assert sorted(p.name for p in db.parent.iterdir()) == ["sessions.db"]
+
+
+async def test_reading_while_the_server_writes(
+    aiohttp_client: AiohttpClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "live.db"
+    app, store = chat_app(str(path))
+    client = await aiohttp_client(app)
+    await converse(client)
+    await store.flush()
+    assert (tmp_path / "live.db-wal").exists()  # the server has it open in WAL mode
+
+    stop = asyncio.Event()
+
+    async def keep_writing() -> int:
+        n = 0
+        while not stop.is_set():
+            assert await post(client, "gpt-4o", f"busy {n}") == 200
+            n += 1
+        return n
+
+    writer = asyncio.create_task(keep_writing())
+    try:
+        capsys.readouterr()
+        for argv in (["requests", "--json", "--limit", "0"], ["stats", "--json"], ["export"]):
+            code = await asyncio.to_thread(main, ["--db", str(path), *argv])
+            _out, err = capsys.readouterr()
+            assert (code, err) == (0, ""), err
+        code = await asyncio.to_thread(main, ["--db", str(path), "backup", str(tmp_path / "b.db")])
+        assert code == 0, capsys.readouterr().err
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiohttp_session_store",
+            "--db",
+            str(path),
+            "sessions",
+            "--json",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out_b, err_b = await proc.communicate()
+        assert (proc.returncode, err_b) == (0, b"")
+        assert len(json.loads(out_b)) >= FILLED.sessions
+    finally:
+        stop.set()
+        written = await writer
+    assert written > 0
+    await store.flush()
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["--db", str(tmp_path / "b.db"), "stats", "--json"]) == 0
+    backed_up = json.loads(capsys.readouterr().out)["requests"]
+    assert FILLED.requests <= backed_up <= FILLED.requests + written
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["sessions", "--active", "--expired"],
+        ["sessions", "--limit", "-1"],
+        ["sessions", "--limit", "ten"],
+        ["sessions", "--order", "id; DROP TABLE sessions"],
+        ["show"],
+        ["requests", "--since", "yesterday"],
+        ["requests", "--until", "2026-02-30"],
+        ["requests", "--session", ""],
+        ["stats", "--since", "-2h"],
+        ["sweep", "--retention", "0d"],
+        ["sweep", "--retention", "30"],
+        ["sweep", "--retention", "200000w"],
+        ["export", "--bogus"],
+        ["backup"],
+    ],
+)
+def test_bad_arguments(run: Run, db: Path, argv: list[str]) -> None:
+    digest = sha256(db)
+    code, out, err = run("--db", db, *argv)
+    assert (code, out) == (2, "")
+    assert ERROR_LINE.fullmatch(err), err
+    assert sha256(db) == digest
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "no database at"),
+        ("directory", "no database at"),
+        ("text", "is not a SQLite database"),
+        ("url", "unsupported database"),
+        ("sqlite-two-slashes", "three slashes"),
+    ],
+)
+def test_unusable_databases(run: Run, tmp_path: Path, setup: str, message: str) -> None:
+    target: str
+    if setup == "missing":
+        target = str(tmp_path / "missing.db")
+    elif setup == "directory":
+        target = str(tmp_path)
+    elif setup == "text":
+        (tmp_path / "notes.txt").write_text("hello\n" * 100)
+        target = str(tmp_path / "notes.txt")
+    elif setup == "url":
+        target = "mysql://localhost/db"
+    else:
+        target = "sqlite://relative.db"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (["sessions"], ["show", "x"], ["requests"], ["stats"], ["export"]):
+        code, out, err = run("--db", target, *argv)
+        assert (code, out) == (1, ""), argv
+        assert ERROR_LINE.fullmatch(err), err
+        assert message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_sql_injection_in_every_filter(run: Run, db: Path) -> None:
+    before = rows(db)
+    for payload in INJECTIONS:
+        for argv in (
+            ["requests", "--session", payload],
+            ["requests", "--model", payload],
+            ["sessions"],
+        ):
+            result = run_json(run, "--db", db, *argv)
+            assert result == [] or argv == ["sessions"], (payload, argv)
+        for argv in (["stats", "--session", payload], ["stats", "--model", payload]):
+            assert run_json(run, "--db", db, *argv)["requests"] == 0
+        for argv in (["export", "--session", payload], ["export", "--model", payload]):
+            assert run("--db", db, *argv) == (0, "", "")
+        code, _, err = run("--db", db, "show", payload)
+        assert code == 1
+        assert "no session" in err
+        for option in ("--since", "--until"):
+            assert run("--db", db, "requests", option, payload)[0] == 2
+        assert run("--db", db, "sessions", "--order", payload)[0] == 2
+        assert run("--db", db, "sweep", "--retention", payload)[0] == 2
+    assert rows(db) == before
+
+
+# -- the process boundary --------------------------------------------------------------------------
+
+
+def _cli(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiohttp_session_store", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_process_exit_codes_and_one_line_errors(db: Path, tmp_path: Path) -> None:
+    missing = _cli("--db", tmp_path / "missing.db", "sessions")
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert ERROR_LINE.fullmatch(missing.stderr)
+    assert "no database at" in missing.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    foreign = _cli("--db", text, "requests")
+    assert foreign.returncode == 1
+    assert ERROR_LINE.fullmatch(foreign.stderr)
+    assert "not a SQLite database" in foreign.stderr
+    bad = _cli("--db", db, "requests", "--since", "soon")
+    assert bad.returncode == 2
+    assert ERROR_LINE.fullmatch(bad.stderr)
+    for result in (missing, foreign, bad):
+        assert "Traceback" not in result.stderr
+    ok = _cli("--db", db, "sessions", "--json")
+    assert ok.returncode == 0
+    assert len(json.loads(ok.stdout)) == FILLED.sessions
+
+
+@pytest.mark.slow
+def test_console_script(db: Path) -> None:
+    script = Path(sys.executable).with_name("aiohttp-session-store")
+    if not script.exists():
+        pytest.skip("the console script is not installed (pip install -e .)")
+    result = subprocess.run(
+        [str(script), "--db", str(db), "stats", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["requests"] == FILLED.requests
+    version = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert version.returncode == 0
+    assert version.stdout.startswith("aiohttp-session-store 0.")
+
+
+def test_help_never_shows_the_database_from_the_environment(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DB_ENV, "postgresql://admin:s3cret-pw@db.internal/store")
+    code, out, _ = run("--help")
+    assert code == 0
+    assert DB_ENV in out
+    assert "s3cret-pw" not in out
+
+
+def test_help_exits_zero(run: Run) -> None:
+    code, out, _ = run("--help")
+    assert code == 0
+    assert "sessions" in out
+    assert "backup" in out
+    code, out, _ = run("sweep", "--help")
+    assert code == 0
+    assert "--retention" in out
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_url(pg_schema: str) -> str:
+    """A filled store in a fresh schema, as a URL the CLI takes (asyncpg passes search_path on)."""
+    from aiohttp_session_store.backends.postgres import PostgresBackend
+
+    asyncio.run(fill(PostgresBackend(PG_DSN, schema=pg_schema)))
+    return f"{PG_DSN}{'&' if '?' in PG_DSN else '?'}search_path={pg_schema}"
+
+
+@pytest.mark.postgres
+def test_postgres_reading_commands(run: Run, pg_url: str) -> None:
+    sessions = run_json(run, "--db", pg_url, "sessions")
+    assert {s["id"] for s in sessions} == {FILLED.hello, FILLED.story, FILLED.fail, FILLED.crash}
+    assert run("--db", pg_url, "sessions")[1].count("\n") == 1 + FILLED.sessions
+    shown = run_json(run, "--db", pg_url, "show", FILLED.story)
+    assert [t["response"]["reply"] for t in shown["requests"]] == ["".join(STREAM_PIECES)] * 2
+    assert "    user:  Another one" in run("--db", pg_url, "show", FILLED.story)[1]
+    assert len(run_json(run, "--db", pg_url, "requests", "--model", "qwen-max")) == 3
+    assert len(run_json(run, "--db", pg_url, "requests", "--since", "1h")) == 7
+    stats = run_json(run, "--db", pg_url, "stats")
+    assert (stats["requests"], stats["tokens"]["total"]) == (7, 75)
+    assert len(run("--db", pg_url, "export")[1].splitlines()) == FILLED.requests
+    assert run("--db", pg_url, "migrate", "--list")[1].endswith("nothing to migrate\n")
+    assert run("--db", pg_url, "migrate")[1] == "schema version 1 (already up to date)\n"
+    _code, out, _ = run("--db", pg_url, "sweep", "--dry-run", "--retention", "30d")
+    assert out.splitlines()[0] == "expired sessions to delete: 0"
+
+
+@pytest.mark.postgres
+def test_postgres_sweep_and_injection(run: Run, pg_url: str) -> None:
+    for payload in INJECTIONS:
+        assert run_json(run, "--db", pg_url, "requests", "--session", payload) == []
+        assert run_json(run, "--db", pg_url, "requests", "--model", payload) == []
+        assert run_json(run, "--db", pg_url, "stats", "--session", payload)["requests"] == 0
+        assert run("--db", pg_url, "show", payload)[0] == 1
+    assert len(run_json(run, "--db", pg_url, "requests")) == FILLED.requests
+    code, out, _ = run("--db", pg_url, "sweep", "--retention", "30d")
+    assert code == 0
+    assert out.startswith("expired sessions deleted: 0\n")
+    assert len(run_json(run, "--db", pg_url, "sessions")) == FILLED.sessions
+
+
+@pytest.mark.postgres
+def test_postgres_errors(run: Run, pg_url: str, tmp_path: Path) -> None:
+    code, _, err = run("--db", pg_url, "backup", tmp_path / "b.db")
+    assert code == 1
+    assert ERROR_LINE.fullmatch(err)
+    assert "no built-in backup" in err
+    empty = f"{PG_DSN}{'&' if '?' in PG_DSN else '?'}search_path=no_such_schema_here"
+    code, _, err = run("--db", empty, "sessions")
+    assert code == 1
+    assert ERROR_LINE.fullmatch(err)
+    assert "no session store" in err
+    code, _, err = run("--db", "postgresql://postgres@127.0.0.1:1/none", "sessions")
+    assert code == 1
+    assert ERROR_LINE.fullmatch(err)
+    assert "cannot connect" in err
