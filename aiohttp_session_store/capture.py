@@ -171,7 +171,9 @@ class ResponseCapture:
         else:
             text = json.dumps(assembled.raw_events, ensure_ascii=False)
             content = None
-        encoded = text.encode("utf-8")
+        # surrogatepass: JSON "\ud800" in a reply must not cost the call its record (the
+        # backend stores lone surrogates as U+FFFD).
+        encoded = text.encode("utf-8", "surrogatepass")
         truncated = len(encoded) > self._limit
         if truncated:
             text = stored_text(encoded[: self._limit].decode("utf-8", "ignore"), True, len(encoded))

@@ -24,7 +24,7 @@ from typing import Any, Final
 from .backends import backend_from_url
 from .backends.base import Backend
 from .config import Durability, StoreConfig
-from .errors import InvalidSessionIdError
+from .errors import InvalidSessionIdError, StoreWriteError
 from .hashing import generate_session_id
 from .models import Session, SessionQuery, now_ms
 from .writer import DELETED, RecordWriter
@@ -67,6 +67,7 @@ class SessionManager:
         )
         self._cleanup_task: asyncio.Task[None] | None = None
         self._opened = False
+        self._commit_late = False
         self.total_created = 0
         self.total_cleaned = 0
         self.records_purged = 0
@@ -144,9 +145,25 @@ class SessionManager:
         self._cache.pop(session_id, None)
         self.writer.delete_session(session_id)
 
+    #: Longest a call waits for a sync-durability commit while storage is failing; past it
+    #: the call goes on (the writer keeps retrying and counts what it drops).
+    sync_commit_timeout: float = 5.0
+
+    async def commit_bounded(self) -> bool:
+        """Wait until what was queued is committed, at most `sync_commit_timeout`."""
+        try:
+            await asyncio.wait_for(self.writer.flush(), self.sync_commit_timeout)
+        except (asyncio.TimeoutError, StoreWriteError):
+            if not self._commit_late:  # once per burst, not once per call
+                self._commit_late = True
+                log.warning("not committed within %ss (storage failing)", self.sync_commit_timeout)
+            return False
+        self._commit_late = False
+        return True
+
     async def _commit(self) -> None:
         if self._durability == "sync":
-            await self.writer.flush()
+            await self.commit_bounded()
 
     def _fresh(self, session: Session, now: int, **changes: Any) -> Session:
         return replace(
@@ -377,7 +394,10 @@ class SessionManager:
         self._cache.clear()
 
     async def get_metrics(self) -> dict[str, int]:
-        await self._settle_writes()
+        # Metrics are how a failing disk is noticed: a short, bounded wait for the queue.
+        if self._cached and self.writer.running:
+            with contextlib.suppress(asyncio.TimeoutError, StoreWriteError):
+                await asyncio.wait_for(self.writer.flush(), 4 * self.config.flush_interval)
         now = self._clock()
         return {
             "active_sessions": await self.backend.count_sessions(active_at=now),

@@ -27,7 +27,7 @@ from .capture import (
     summarize_body,
 )
 from .config import StoreConfig
-from .errors import InvalidSessionIdError, StoreWriteError
+from .errors import InvalidSessionIdError
 from .hashing import first_user_text, generate_session_id, scoped_session_id, validate_session_id
 from .manager import SessionManager
 from .models import Outcome, RequestRecord, ResponseRecord, Session, now_ms
@@ -60,7 +60,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _UNSET: Final[Any] = object()
 _REDACTED: Final = "[REDACTED]"
-_SYNC_COMMIT_TIMEOUT: Final = 5.0
+_REDACTION_FAILED: Final = "[redaction failed]"
 
 
 @dataclass(slots=True)
@@ -109,16 +109,14 @@ class _Recorder:
         self.redacted = config.redacted_header_names
         self.limit = config.max_body_bytes
         self.sync = config.durability == "sync"
+        self.hook_failed = False
 
     async def commit(self) -> None:
         """In sync durability, wait (boundedly) until what this call queued is committed."""
         if not self.sync:
             return
-        try:
-            await asyncio.wait_for(self.writer.flush(), _SYNC_COMMIT_TIMEOUT)
-        except (asyncio.TimeoutError, StoreWriteError):
-            # The writer keeps retrying and counts what it drops; the proxy keeps serving.
-            log.warning("records not committed within %ss (storage failing)", _SYNC_COMMIT_TIMEOUT)
+        # The writer keeps retrying and counts what it drops; the proxy keeps serving.
+        await self.manager.commit_bounded()
 
     def headers_json(self, headers: Mapping[str, str]) -> str:
         redacted = self.redacted
@@ -127,21 +125,38 @@ class _Recorder:
             ensure_ascii=False,
         )
 
+    def redact(self, value: Any) -> Any:
+        """The body hook's result for `value`: parsed JSON, or a body's text as a str.
+
+        A failing hook neither fails the call nor lets the body through in clear.
+        """
+        hook = self.config.redact_body
+        if hook is None:
+            return value
+        try:
+            return hook(value)
+        except Exception:
+            if not self.hook_failed:  # once, not once per call
+                self.hook_failed = True
+                log.exception("redact_body failed; bodies it fails on are not stored")
+            return _REDACTION_FAILED
+
     def to_text(self, value: Any) -> str | None:
         """A body-ish value as stored: redacted by the hook, serialised, cut to the limit."""
         if value is None or value is _UNSET:
             return None
         if isinstance(value, (bytes, bytearray, memoryview)):
             raw = bytes(value)
-            try:
-                value = json.loads(raw) if self.config.redact_body else None
-            except (ValueError, RecursionError):
-                value = None
-            if value is None:
+            if self.config.redact_body is None:
                 decoded, cut = body_text(raw, self.limit)
                 return stored_text(decoded, cut, len(raw))
-        if self.config.redact_body is not None and not isinstance(value, str):
-            value = self.config.redact_body(value)
+            try:
+                value = json.loads(raw)
+            except (ValueError, RecursionError):
+                # Not JSON: the hook gets the text (a JSON string is a JSON value too).
+                value = raw.decode("utf-8", "replace")
+        if self.config.redact_body is not None:
+            value = self.redact(value)
         text: str
         if isinstance(value, str):
             text = value
@@ -156,11 +171,29 @@ class _Recorder:
         return stored_text(encoded[: self.limit].decode("utf-8", "ignore"), True, len(encoded))
 
     def request_body_text(self, raw: bytes, body: Any) -> str:
-        if self.config.redact_body is not None and body is not None:
-            redacted = self.to_text(self.config.redact_body(body))
+        if self.config.redact_body is not None:
+            redacted = self.to_text(body if body is not None else raw)
             return redacted if redacted is not None else ""
         text, cut = body_text(raw, self.limit)
         return stored_text(text, cut, len(raw))
+
+    def reply_text(self, body: CapturedBody | None) -> str | None:
+        """A reply as stored: through the body hook too (replies echo what users said)."""
+        if body is None or body.text is None:
+            return None
+        if self.config.redact_body is None:
+            return body.text
+        try:
+            value: Any = json.loads(body.text)
+        except (ValueError, RecursionError):
+            value = body.text
+        return self.to_text(value)
+
+    def first_message(self, body: Any, text: str | None) -> str | None:
+        """The first user message as the sessions table keeps it: through the body hook."""
+        if text is None or self.config.redact_body is None:
+            return text
+        return first_user_text(self.redact(body)) or ""
 
     def session_id_for(self, request: web.Request, body: Any) -> tuple[str | None, str | None]:
         """(session id, first user text); raises InvalidSessionIdError for a bad header."""
@@ -240,7 +273,7 @@ class _Recorder:
             timestamp=ts,
             status_code=status,
             outcome=outcome,
-            openai_response=body.text if body is not None else None,
+            openai_response=self.reply_text(body),
             upstream_response=self.to_text(rec.upstream_response),
             parent_id=parent_id,
             prompt_tokens=summary.prompt_tokens if summary else None,
@@ -298,12 +331,15 @@ async def _handle(
     request[RECORDING_KEY] = rec
     try:
         raw, body, early = await _before_handler(recorder, request, rec)
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionResetError) as exc:
         # The client left while the body was read or the session resolved: still one
         # request row and one response row, as for every call on a session path.
+        # Cancelled with handler_cancellation=True; without it (run_app's default) the
+        # read itself fails with ConnectionResetError("Connection lost").
+        error = "cancelled" if isinstance(exc, asyncio.CancelledError) else repr(exc)
         recorder.queue_request(request, rec, rec.raw, rec.body, ts)
         recorder.queue_response(
-            rec, status=None, outcome="client_disconnected", body=None, error="cancelled"
+            rec, status=None, outcome="client_disconnected", body=None, error=error
         )
         raise
     request[SESSION_KEY] = rec.session
@@ -339,6 +375,10 @@ async def _before_handler(
     except web.HTTPRequestEntityTooLarge as exc:
         reason = exc.text or "request body too large"
         return None, None, _error_response(413, reason, "invalid_request_error")
+    except web.RequestPayloadError:
+        # e.g. "Content-Encoding: gzip" over bytes that are not gzip: the client's fault.
+        reason = "the request body cannot be decoded (check Content-Encoding)"
+        return None, None, _error_response(400, reason, "invalid_request_error")
     rec.raw = raw
     if raw:
         try:
@@ -355,7 +395,9 @@ async def _before_handler(
         return raw, body, None
     rec.session_id = session_id
     try:
-        rec.session = await _resolve(recorder.manager, session_id, text)
+        rec.session = await _resolve(
+            recorder.manager, session_id, recorder.first_message(body, text)
+        )
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -72,6 +72,7 @@ class RecordWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._failing = False
+        self._dropping = False
 
         self.records_written = 0
         self.batches_committed = 0
@@ -87,8 +88,12 @@ class RecordWriter:
     def _accept(self) -> bool:
         if self.pending >= self._max_pending:
             self.records_dropped += 1
-            if not self._failing:
-                log.warning("record queue full (%d); dropping records", self._max_pending)
+            if not self._dropping:
+                # Once per burst: the queue fills long before the first commit fails.
+                self._dropping = True
+                log.warning(
+                    "record queue full (%d); dropping records until it drains", self._max_pending
+                )
             return False
         return True
 
@@ -255,6 +260,7 @@ class RecordWriter:
                 attempt += 1
                 await asyncio.sleep(min(0.01 * 2**attempt, _MAX_BACKOFF))
                 continue
+            self._dropping = False
             if self._failing:
                 self._failing = False
                 log.warning(
