@@ -8,13 +8,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-
 from conftest import PG_DSN
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -31,7 +30,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def shared_dsn(pg_schema: str) -> Iterator[str]:
+def shared_dsn(pg_schema: str) -> str:
     """A DSN whose search_path is a fresh schema (created here; dropped by pg_schema)."""
     import asyncpg
 
@@ -43,7 +42,7 @@ def shared_dsn(pg_schema: str) -> Iterator[str]:
             await conn.close()
 
     asyncio.run(create())
-    yield f"{PG_DSN}?search_path={pg_schema}"
+    return f"{PG_DSN}?search_path={pg_schema}"
 
 
 def start_instance(dsn: str) -> tuple[subprocess.Popen[bytes], str]:
