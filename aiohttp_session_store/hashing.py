@@ -11,6 +11,7 @@ from .errors import InvalidSessionIdError
 
 __all__ = (
     "MAX_SESSION_ID_LENGTH",
+    "content_text",
     "first_user_text",
     "generate_session_id",
     "scoped_session_id",
@@ -58,7 +59,8 @@ def validate_session_id(value: str) -> str:
     return value
 
 
-def _content_text(content: Any) -> str | None:
+def content_text(content: Any) -> str | None:
+    """A message's text: string content as is, or its text parts joined with "\\n"."""
     if isinstance(content, str):
         return content
     if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
@@ -87,6 +89,6 @@ def first_user_text(body: Any) -> str | None:
         return None
     for message in messages:
         if isinstance(message, Mapping) and message.get("role") == "user":
-            text = _content_text(message.get("content"))
+            text = content_text(message.get("content"))
             return text or None
     return None

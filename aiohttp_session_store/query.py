@@ -22,6 +22,7 @@ from typing import Any, Final, Literal, NoReturn, cast
 from aiohttp import web
 
 from .errors import StoreError
+from .hashing import content_text
 from .manager import SessionManager
 from .models import (
     SESSION_ORDERS,
@@ -71,21 +72,6 @@ def _loads(text: str | None) -> Any:
         return None
 
 
-def _content_text(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [
-            part["text"]
-            for part in content
-            if isinstance(part, Mapping)
-            and part.get("type", "text") == "text"
-            and isinstance(part.get("text"), str)
-        ]
-        return "\n".join(texts) if texts else None
-    return None
-
-
 def last_user_text(openai_request: str | None) -> str | None:
     """The text of the last `role == "user"` message of a stored chat request body."""
     body = _loads(openai_request)
@@ -93,7 +79,7 @@ def last_user_text(openai_request: str | None) -> str | None:
         return None
     for message in reversed(body["messages"]):
         if isinstance(message, Mapping) and message.get("role") == "user":
-            return _content_text(message.get("content"))
+            return content_text(message.get("content"))
     return None
 
 
@@ -112,7 +98,7 @@ def reply_text(openai_response: str | None) -> str | None:
     message = choices[0].get("message")
     if not isinstance(message, Mapping):
         return None
-    content = _content_text(message.get("content"))
+    content = content_text(message.get("content"))
     calls = message.get("tool_calls")
     if isinstance(calls, list) and calls:
         names = []

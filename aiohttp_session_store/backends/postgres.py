@@ -35,6 +35,11 @@ from ..models import (
     storable,
 )
 from .base import Backend
+from .columns import MUTABLE_RESPONSE_COLUMNS as _MUTABLE_RESPONSE_COLUMNS
+from .columns import ORPHAN_GRACE_MS as _ORPHAN
+from .columns import REQUEST_COLUMNS as _REQUEST_COLUMNS
+from .columns import RESPONSE_COLUMNS as _RESPONSE_COLUMNS
+from .columns import SESSION_COLUMNS as _SESSION_COLUMNS
 
 __all__ = ("PostgresBackend",)
 
@@ -70,49 +75,6 @@ _SESSION_ORDER_SQL: Final[dict[SessionOrder, str]] = {
 if set(_SESSION_ORDER_SQL) != set(SESSION_ORDERS):  # pragma: no cover - caught on import
     raise RuntimeError("PostgresBackend's session orders drifted from models.SESSION_ORDERS")
 
-_SESSION_COLUMNS: Final = (
-    "id",
-    "chat_id",
-    "parent_id",
-    "first_user_message",
-    "message_count",
-    "created_at",
-    "last_accessed",
-    "expires_at",
-)
-_REQUEST_COLUMNS: Final = (
-    "request_id",
-    "session_id",
-    "timestamp",
-    "method",
-    "path",
-    "model",
-    "stream",
-    "openai_request",
-    "upstream_request",
-    "headers",
-    "created_at",
-)
-_RESPONSE_COLUMNS: Final = (
-    "response_id",
-    "request_id",
-    "session_id",
-    "timestamp",
-    "status_code",
-    "outcome",
-    "openai_response",
-    "upstream_response",
-    "parent_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "finish_reason",
-    "error",
-    "duration_ms",
-    "first_byte_ms",
-    "created_at",
-)
-
 _S_COLS: Final = ", ".join(_SESSION_COLUMNS)
 _S_PARAMS: Final = ", ".join(f"${i}" for i in range(1, len(_SESSION_COLUMNS) + 1))
 _S_EXCLUDED: Final = ", ".join(f"{c} = EXCLUDED.{c}" for c in _SESSION_COLUMNS[1:])
@@ -134,21 +96,6 @@ _INSERT_REQUEST: Final = (
     f"INSERT INTO requests ({', '.join(_REQUEST_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_REQUEST_COLUMNS) + 1))}) "
     "ON CONFLICT (request_id) DO NOTHING"
-)
-_ORPHAN_GRACE_MS: Final = 86_400_000
-_MUTABLE_RESPONSE_COLUMNS: Final = (
-    "status_code",
-    "outcome",
-    "openai_response",
-    "upstream_response",
-    "parent_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "finish_reason",
-    "error",
-    "duration_ms",
-    "first_byte_ms",
 )
 _INSERT_RESPONSE: Final = (
     f"INSERT INTO responses ({', '.join(_RESPONSE_COLUMNS)}) "
@@ -746,7 +693,7 @@ class PostgresBackend(Backend):
                 " OR EXISTS (SELECT 1 FROM responses p WHERE p.request_id = requests.request_id))"
                 " ORDER BY timestamp, id LIMIT $3 FOR UPDATE SKIP LOCKED",
                 cutoff,
-                cutoff - _ORPHAN_GRACE_MS,
+                cutoff - _ORPHAN,
                 limit,
             )
             if not rows:

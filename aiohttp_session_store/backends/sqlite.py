@@ -31,6 +31,11 @@ from ..models import (
     storable,
 )
 from .base import Backend
+from .columns import MUTABLE_RESPONSE_COLUMNS as _MUTABLE_RESPONSE_COLUMNS
+from .columns import ORPHAN_GRACE_MS as _ORPHAN
+from .columns import REQUEST_COLUMNS as _REQUEST_COLUMNS
+from .columns import RESPONSE_COLUMNS as _RESPONSE_COLUMNS
+from .columns import SESSION_COLUMNS as _SESSION_COLUMNS
 
 __all__ = ("SQLiteBackend",)
 
@@ -38,51 +43,6 @@ __all__ = ("SQLiteBackend",)
 # take the fallback paths, which do the same work with one more statement inside the same
 # IMMEDIATE transaction (so they are just as atomic).
 _HAS_RETURNING: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
-
-# Every column list is spelled out, never `*`, so a later migration that adds a column
-# cannot shift the positions the row converters below read.
-_SESSION_COLUMNS: Final = (
-    "id",
-    "chat_id",
-    "parent_id",
-    "first_user_message",
-    "message_count",
-    "created_at",
-    "last_accessed",
-    "expires_at",
-)
-_REQUEST_COLUMNS: Final = (
-    "request_id",
-    "session_id",
-    "timestamp",
-    "method",
-    "path",
-    "model",
-    "stream",
-    "openai_request",
-    "upstream_request",
-    "headers",
-    "created_at",
-)
-_RESPONSE_COLUMNS: Final = (
-    "response_id",
-    "request_id",
-    "session_id",
-    "timestamp",
-    "status_code",
-    "outcome",
-    "openai_response",
-    "upstream_response",
-    "parent_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "finish_reason",
-    "error",
-    "duration_ms",
-    "first_byte_ms",
-    "created_at",
-)
 
 _S_COLS: Final = ", ".join(_SESSION_COLUMNS)
 _S_PARAMS: Final = ", ".join("?" for _ in _SESSION_COLUMNS)
@@ -129,20 +89,6 @@ _INSERT_REQUEST: Final = (
     f"VALUES ({', '.join('?' for _ in _REQUEST_COLUMNS)}) "
     "ON CONFLICT(request_id) DO NOTHING"
 )
-_MUTABLE_RESPONSE_COLUMNS: Final = (
-    "status_code",
-    "outcome",
-    "openai_response",
-    "upstream_response",
-    "parent_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "finish_reason",
-    "error",
-    "duration_ms",
-    "first_byte_ms",
-)
 _INSERT_RESPONSE: Final = (
     f"INSERT INTO responses ({', '.join(_RESPONSE_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _RESPONSE_COLUMNS)}) "
@@ -164,7 +110,6 @@ _OLD_REQUEST_IDS: Final = (
     " (SELECT 1 FROM responses r WHERE r.request_id = requests.request_id))"
     " ORDER BY timestamp, id LIMIT ?"
 )
-ORPHAN_GRACE_MS: Final = 86_400_000
 
 # Exchanges: a request's columns, then its response's. A request normally has one response;
 # joining on the first one written (as the PostgreSQL backend does) means a duplicate could
@@ -790,7 +735,7 @@ class SQLiteBackend(Backend):
         async with self._write() as db:
             # The ids are chosen once: deleting the responses changes which requests the
             # selection would match a second time.
-            rows = await _fetchall(db, _OLD_REQUEST_IDS, (cutoff, cutoff - ORPHAN_GRACE_MS, limit))
+            rows = await _fetchall(db, _OLD_REQUEST_IDS, (cutoff, cutoff - _ORPHAN, limit))
             if not rows:
                 return 0
             chosen = json.dumps([row[0] for row in rows])
