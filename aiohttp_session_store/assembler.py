@@ -154,10 +154,10 @@ class _Choice:
         tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
             for position, call in enumerate(tool_calls):
-                if isinstance(call, Mapping):
+                if isinstance(call, dict):
                     self._merge_tool_call(position, call)
         function_call = delta.get("function_call")
-        if isinstance(function_call, Mapping):
+        if isinstance(function_call, dict):
             self.function_call = True
             name = function_call.get("name")
             if isinstance(name, str):
@@ -354,8 +354,10 @@ class ChatStreamAssembler:
         # Some servers repeat a cumulative usage on every chunk: the last one is the total.
         if isinstance(usage, dict):
             self._usage = usage
+        # Chunks come from json.loads: objects are dicts, and isinstance(x, dict) is a C type
+        # check where isinstance(x, Mapping) is an ABC lookup, several per event.
         for position, choice in enumerate(choices):
-            if not isinstance(choice, Mapping):
+            if not isinstance(choice, dict):
                 continue
             index = _count(choice.get("index"))
             if index is None:
@@ -364,16 +366,16 @@ class ChatStreamAssembler:
             if state is None:
                 state = self._choices[index] = _Choice()
             delta = choice.get("delta")
-            if not isinstance(delta, Mapping):
+            if not isinstance(delta, dict):
                 # A server that sends its whole reply as one unstreamed object in the stream.
                 delta = choice.get("message")
-            if isinstance(delta, Mapping):
+            if isinstance(delta, dict):
                 state.merge(delta)
             finish_reason = choice.get("finish_reason")
             if isinstance(finish_reason, str):
                 state.finish_reason = finish_reason
             logprobs = choice.get("logprobs")
-            if isinstance(logprobs, Mapping):
+            if isinstance(logprobs, dict):
                 state.merge_logprobs(logprobs)
 
     def _choice_zero(self) -> _Choice | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -98,6 +99,7 @@ _INSERT_RESPONSE: Final = (
     + ", ".join(f"{c} = excluded.{c}" for c in _MUTABLE_RESPONSE_COLUMNS)
 )
 _UPDATE_UPSTREAM: Final = "UPDATE requests SET upstream_request = ? WHERE request_id = ?"
+_DELETE_SESSIONS: Final = "DELETE FROM sessions WHERE id IN (?)"
 
 # Retention: the oldest `limit` requests before the cutoff. Evaluated twice in one IMMEDIATE
 # transaction (responses first, they reference their request); nothing can change in
@@ -315,6 +317,49 @@ def _page(limit: int | None, offset: int, params: list[object]) -> str:
     return " LIMIT ? OFFSET ?"
 
 
+# Host parameters per statement: SQLite's lowest default limit (999 before 3.32), so the
+# multi-row statements below run on every library version.
+_MAX_PARAMS: Final = 999
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row(sql: str, rows: int) -> str:
+    """`sql`, whose one `VALUES (?, ...)` or `IN (?)` group is repeated for `rows` rows.
+
+    Cached: a batch only ever uses the full-chunk size and one remainder size, so the
+    connection's statement cache keeps them prepared.
+    """
+    for opener in (" VALUES (", " IN ("):
+        head, found, tail = sql.partition(opener)
+        if found:
+            group, _, rest = tail.partition(")")
+            if opener == " IN (":
+                return f"{head} IN ({', '.join([group] * rows)}){rest}"
+            return f"{head} VALUES {', '.join([f'({group})'] * rows)}{rest}"
+    raise ValueError(f"no parameter group to repeat in {sql!r}")
+
+
+async def _run_rows(db: aiosqlite.Connection, sql: str, rows: list[tuple[object, ...]]) -> None:
+    """Apply `sql` to every row, as many rows per statement as the parameter limit allows.
+
+    Not `executemany` row by row: sqlite3 releases and re-takes the GIL around every
+    execution, and while the event loop keeps the GIL busy (a proxy under load) each re-take
+    can wait for the interpreter's switch interval. Row by row, a loaded proxy's writer
+    committed a few thousand records a second and dropped records past
+    `max_pending_records`; in chunks it keeps up.
+    """
+    per = max(1, _MAX_PARAMS // len(rows[0]))
+    full = len(rows) // per
+    if full:
+        await db.executemany(
+            _multi_row(sql, per),
+            [[v for row in rows[i * per : (i + 1) * per] for v in row] for i in range(full)],
+        )
+    rest = rows[full * per :]
+    if rest:
+        await db.execute(_multi_row(sql, len(rest)), [v for row in rest for v in row])
+
+
 async def _fetchall(
     db: aiosqlite.Connection, sql: str, params: Iterable[object] = ()
 ) -> list[sqlite3.Row]:
@@ -406,7 +451,7 @@ class SQLiteBackend(Backend):
                 else:
                     # Only after the version check: switching a rollback-journal file to
                     # WAL rewrites its header, and a newer database must stay untouched.
-                    await db.execute("PRAGMA journal_mode=WAL")
+                    await self._enable_wal(db)
                     # WAL + NORMAL: a commit survives a process crash; only a power cut
                     # can lose the last transactions, never corrupt the file.
                     await db.execute("PRAGMA synchronous=NORMAL")
@@ -417,6 +462,21 @@ class SQLiteBackend(Backend):
             self._db = None
             await db.close()
             raise
+
+    async def _enable_wal(self, db: aiosqlite.Connection) -> None:
+        # Switching the journal mode needs the file to itself and SQLite answers "locked"
+        # at once, without its busy handler, while another process opens it too: retry
+        # for as long as the busy timeout would have waited.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout
+        while True:
+            try:
+                await db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.01)
 
     def _target(self) -> tuple[str, bool]:
         """What to hand sqlite3.connect, and whether it is a URI.
@@ -714,20 +774,18 @@ class SQLiteBackend(Backend):
             return
         async with self._write() as db:
             if batch.sessions:
-                await db.executemany(_UPSERT_SESSION, [_session_args(s) for s in batch.sessions])
+                await _run_rows(db, _UPSERT_SESSION, [_session_args(s) for s in batch.sessions])
             if batch.deleted_sessions:
-                await db.executemany(
-                    "DELETE FROM sessions WHERE id = ?", [(i,) for i in batch.deleted_sessions]
-                )
+                await _run_rows(db, _DELETE_SESSIONS, [(i,) for i in batch.deleted_sessions])
             # Requests before the upstream bodies and the responses that refer to them.
             if batch.requests:
-                await db.executemany(_INSERT_REQUEST, [_request_args(r) for r in batch.requests])
+                await _run_rows(db, _INSERT_REQUEST, [_request_args(r) for r in batch.requests])
             if batch.upstream_requests:
                 await db.executemany(
                     _UPDATE_UPSTREAM, [(body, rid) for rid, body in batch.upstream_requests]
                 )
             if batch.responses:
-                await db.executemany(_INSERT_RESPONSE, [_response_args(r) for r in batch.responses])
+                await _run_rows(db, _INSERT_RESPONSE, [_response_args(r) for r in batch.responses])
 
     async def delete_records_before(self, cutoff: int, limit: int) -> int:
         if limit <= 0:
