@@ -237,6 +237,47 @@ class SessionManager:
         await self._commit()
         return new
 
+    async def resolve_session(
+        self, session_id: str, first_user_message: str | None = None
+    ) -> Session:
+        """The live session (expiry slid), or a new one (`is_new`): what each call needs.
+
+        `get_session` then `create_session` in one step: a cache miss reads the database
+        once, not twice, and no await separates the read from the create.
+        """
+        _check_id(session_id)
+        if not self._cached:
+            live = await self.get_session(session_id)
+            if live is not None:
+                return live
+            return await self.create_session(session_id, first_user_message=first_user_message)
+        session = await self._load(session_id)
+        now = self._clock()
+        if session is not None and not session.is_expired(now):
+            slid = self._fresh(session, now)
+            self._remember(slid)
+            self.writer.put_session(slid)
+            await self._commit()
+            return slid
+        if session is not None:
+            self.total_cleaned += 1  # an expired row, replaced by the new session
+        new = Session(
+            id=session_id,
+            chat_id=None,
+            parent_id=None,
+            first_user_message=first_user_message or "",
+            message_count=0,
+            created_at=now,
+            last_accessed=now,
+            expires_at=now + self._timeout_ms,
+            is_new=True,
+        )
+        self._remember(new)
+        self.writer.put_session(new)
+        self.total_created += 1
+        await self._commit()
+        return new
+
     async def get_session(self, session_id: str) -> Session | None:
         """The live session, its expiry slid; None (and the row deleted) if expired."""
         _check_id(session_id)

@@ -418,10 +418,7 @@ async def _before_handler(
 
 
 async def _resolve(manager: SessionManager, session_id: str, text: str | None) -> Session:
-    session = await manager.get_session(session_id)
-    if session is None:
-        session = await manager.create_session(session_id, first_user_message=text)
-    return session
+    return await manager.resolve_session(session_id, first_user_message=text)
 
 
 async def _run_handler(

@@ -428,3 +428,39 @@ async def test_unicode_first_messages_round_trip(
         s = await m.get_session(sid)
         assert s is not None
         assert s.first_user_message == text
+
+
+async def test_resolve_session_creates_then_slides(
+    manager: SessionManager, clock: FakeClock
+) -> None:
+    first = await manager.resolve_session("s1", first_user_message="hi")
+    assert first.is_new
+    assert first.first_user_message == "hi"
+    clock.advance(TIMEOUT / 2)
+    again = await manager.resolve_session("s1", first_user_message="ignored")
+    assert not again.is_new
+    assert again.first_user_message == "hi"
+    assert again.created_at == first.created_at
+    assert again.expires_at == clock.now + TIMEOUT * 1000
+    m = await manager.get_metrics()
+    assert (m["total_created"], m["total_sessions"]) == (1, 1)
+
+
+async def test_resolve_session_replaces_an_expired_session(
+    manager: SessionManager, clock: FakeClock
+) -> None:
+    await manager.resolve_session("s1")
+    await manager.update_parent_id("s1", "p1")
+    clock.advance(TIMEOUT + 1)
+    fresh = await manager.resolve_session("s1")
+    assert fresh.is_new
+    assert (fresh.parent_id, fresh.message_count) == (None, 0)
+    assert (await manager.get_metrics())["total_created"] == 2
+
+
+async def test_concurrent_resolves_of_one_new_id_create_one_session(
+    manager: SessionManager,
+) -> None:
+    results = await asyncio.gather(*(manager.resolve_session("same") for _ in range(50)))
+    assert sum(r.is_new for r in results) == 1
+    assert (await manager.get_metrics())["total_sessions"] == 1
