@@ -477,7 +477,8 @@ async def test_a_failed_sweep_is_logged_and_tried_again(
 async def test_sweeps_delete_in_bounded_batches(
     aiohttp_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = StoreConfig(session_timeout=0.05, sweep_interval=0.5, sweep_batch_size=2)
+    # The first sweep comes a second after startup: time enough to create all five.
+    config = StoreConfig(session_timeout=0.05, sweep_interval=1.0, sweep_batch_size=2)
     app, store = make_app(stateful_proxy, db=tmp_path / "s.db", config=config)
     assert store is not None
     real = store.backend.delete_expired_sessions
