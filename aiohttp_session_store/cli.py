@@ -631,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("export", _cmd_export, "requests with their responses as JSON lines")
     filters(sub)
     sub.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    # Accepted so that every listing takes --json: the export is JSON lines either way.
+    sub.add_argument("--json", action="store_true", help="JSON lines (always; for symmetry)")
 
     sub = command("migrate", _cmd_migrate, "bring the schema up to date")
     sub.add_argument("--list", action="store_true", help="show pending migrations; change nothing")

@@ -17,6 +17,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import replace
 from types import TracebackType
 from typing import Final
@@ -29,11 +30,36 @@ from .hashing import generate_session_id
 from .models import Session, SessionQuery, now_ms
 from .writer import DELETED, RecordWriter
 
-__all__ = ("SessionManager",)
+__all__ = ("CURRENT_TURN", "SessionManager", "Turn")
 
 log: Final = logging.getLogger("aiohttp_session_store.manager")
 
 Clock = Callable[[], int]
+
+
+class Turn:
+    """What the handler of one call did to its session (set by the middleware per call)."""
+
+    __slots__ = ("advanced", "parent_id", "session_id")
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.advanced = False
+        self.parent_id: str | None = None
+
+
+#: The call being handled in this context, if the middleware is recording one: lets the
+#: response record name the parent *this* call set, not a concurrent call's.
+CURRENT_TURN: Final[ContextVar[Turn | None]] = ContextVar(
+    "aiohttp_session_store.turn", default=None
+)
+
+
+def _note_turn(session_id: str, parent_id: str | None) -> None:
+    turn = CURRENT_TURN.get()
+    if turn is not None and turn.session_id == session_id:
+        turn.advanced = True
+        turn.parent_id = parent_id
 
 
 class _Same:
@@ -143,13 +169,6 @@ class SessionManager:
             self._remember(stored)
         return stored
 
-    def peek(self, session_id: str) -> Session | None:
-        """This instance's newest view of a session, from memory only (no I/O, no sliding).
-
-        The middleware uses it to see whether a handler advanced the parent.
-        """
-        return self._known(session_id)[1]
-
     def _forget(self, session_id: str) -> None:
         self._cache.pop(session_id, None)
         self.writer.delete_session(session_id)
@@ -229,8 +248,10 @@ class SessionManager:
                 self.total_created += 1
             return stored
         existing = await self._load(session_id)
-        if existing is not None and not existing.is_expired(self._clock()):
-            return replace(existing, is_new=False)
+        if existing is not None:
+            if not existing.is_expired(self._clock()):
+                return replace(existing, is_new=False)
+            self.total_cleaned += 1  # an expired row, replaced by the new session
         self._remember(new)
         self.writer.put_session(new)
         self.total_created += 1
@@ -295,7 +316,6 @@ class SessionManager:
                 ):
                     self.total_cleaned += 1
                 return None
-            self._remember(touched)
             return touched
         session = await self._load(session_id)
         if session is None:
@@ -322,8 +342,7 @@ class SessionManager:
             )
             if advanced is None:
                 return False
-            # Only for peek(): shared-mode reads always go to the database.
-            self._remember(advanced)
+            _note_turn(session_id, parent_id)
             return True
         session = await self._load(session_id)
         # No await between this read and the write below: the increment cannot be lost.
@@ -335,6 +354,7 @@ class SessionManager:
         )
         self._remember(updated)
         self.writer.put_session(updated)
+        _note_turn(session_id, parent_id)
         await self._commit()
         return True
 
@@ -348,7 +368,8 @@ class SessionManager:
         if not self._cached:
             return await self.backend.set_chat_id(session_id, chat_id, now=now)
         session = await self._load(session_id)
-        if session is None:
+        now = self._clock()
+        if session is None or session.is_expired(now):
             return False
         updated = replace(session, chat_id=chat_id, last_accessed=now, is_new=False)
         self._remember(updated)

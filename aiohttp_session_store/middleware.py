@@ -29,7 +29,7 @@ from .capture import (
 from .config import StoreConfig
 from .errors import InvalidSessionIdError
 from .hashing import first_user_text, generate_session_id, scoped_session_id, validate_session_id
-from .manager import SessionManager
+from .manager import CURRENT_TURN, SessionManager, Turn
 from .models import Outcome, RequestRecord, ResponseRecord, Session, now_ms
 
 __all__ = (
@@ -77,6 +77,8 @@ class Recording:
     #: at the end is one row.
     response_id: str = field(default_factory=lambda: _new_id())
     recorded_early: bool = False
+    #: Where the manager notes the parent this call's handler set (see CURRENT_TURN).
+    turn: Turn | None = None
     #: What is known before the handler, kept so a call cancelled early is still recorded.
     raw: bytes | None = None
     body: Any = None
@@ -258,11 +260,8 @@ class _Recorder:
         elif error is None and body is not None and body.stream_error is not None:
             error = self.to_text(body.stream_error)
         ended = time.perf_counter()
-        parent_id = None
-        if rec.session is not None:
-            now = self.manager.peek(rec.session.id)
-            if now is not None and now.parent_id != rec.session.parent_id:
-                parent_id = now.parent_id
+        turn = rec.turn
+        parent_id = turn.parent_id if turn is not None and turn.advanced else None
         # A whole (non-streamed) body leaves in one piece once the handler has returned.
         first_byte = rec.capture.first_byte_at if rec.capture else (ended if body else None)
         summary = body.summary if body is not None else None
@@ -446,6 +445,9 @@ async def _run_handler(
             await recorder.commit()
 
         rec.before_eof = record_before_eof
+    if rec.session is not None:
+        rec.turn = Turn(rec.session.id)
+    turn_token = CURRENT_TURN.set(rec.turn)
     try:
         response = await handler(request)
         status = response.status
@@ -474,6 +476,7 @@ async def _run_handler(
         status = _status_sent(rec) or 500
         raise
     finally:
+        CURRENT_TURN.reset(turn_token)
         try:
             body = (
                 recorder.reply_body(response, rec)

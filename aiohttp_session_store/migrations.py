@@ -112,6 +112,17 @@ _INITIAL_POSTGRES: Final = tuple(
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "initial schema", _INITIAL_SQLITE, _INITIAL_POSTGRES),
+    Migration(
+        2,
+        "session creation order",
+        # SQLite already has one: the rowid, which an upsert keeps.
+        (),
+        (
+            # Sessions created in the same millisecond still list newest first: PostgreSQL
+            # rows have no insertion order of their own, so this sequence gives them one.
+            "ALTER TABLE sessions ADD COLUMN seq BIGSERIAL",
+        ),
+    ),
 )
 
 

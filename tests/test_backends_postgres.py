@@ -13,7 +13,12 @@ from typing import Any, TypeVar
 import pytest
 
 from aiohttp_session_store.errors import DatabaseNotFoundError, SchemaVersionError, StoreError
-from aiohttp_session_store.migrations import MIGRATIONS, SCHEMA_VERSION_KEY, Migration
+from aiohttp_session_store.migrations import (
+    MIGRATIONS,
+    SCHEMA_VERSION_KEY,
+    Migration,
+    latest_version,
+)
 from aiohttp_session_store.models import (
     RequestRecord,
     ResponseRecord,
@@ -33,10 +38,15 @@ PG_DSN = os.environ.get("AIOHTTP_SESSION_STORE_PG_DSN", "postgresql://postgres@1
 
 T = TypeVar("T")
 
+LATEST = latest_version()
+# The registry as a later version of the package would have it: one migration more.
 V2_MIGRATIONS = (
     *MIGRATIONS,
     Migration(
-        2, "add notes", ("CREATE TABLE notes (id INTEGER)",), ("CREATE TABLE notes (id BIGINT)",)
+        LATEST + 1,
+        "add notes",
+        ("CREATE TABLE notes (id INTEGER)",),
+        ("CREATE TABLE notes (id BIGINT)",),
     ),
 )
 
@@ -91,9 +101,9 @@ async def test_concurrent_first_opens_migrate_once(pg_schema: str) -> None:
     backends = [PostgresBackend(PG_DSN, schema=pg_schema) for _ in range(5)]
     try:
         await asyncio.gather(*(b.open() for b in backends))
-        assert [await b.schema_version() for b in backends] == [1] * 5
+        assert [await b.schema_version() for b in backends] == [latest_version()] * 5
         rows = await sql(pg_schema, "SELECT value FROM metadata WHERE key = $1", SCHEMA_VERSION_KEY)
-        assert [r["value"] for r in rows] == ["1"]
+        assert [r["value"] for r in rows] == [str(latest_version())]
     finally:
         for b in backends:
             await b.close()
@@ -331,7 +341,7 @@ async def test_read_only_refuses_a_schema_that_needs_migrating(pg_schema: str) -
 async def test_newer_schema_version_is_refused_untouched(pg_schema: str) -> None:
     newer = PostgresBackend(PG_DSN, schema=pg_schema, migrations=V2_MIGRATIONS)
     await newer.open()
-    assert await newer.schema_version() == 2
+    assert await newer.schema_version() == LATEST + 1
     await newer.close()
     metadata = "SELECT key, value, updated_at FROM metadata ORDER BY key"
     before = [tuple(r) for r in await sql(pg_schema, metadata)]
@@ -354,7 +364,7 @@ async def test_open_applies_a_newer_registry_and_leaves_nothing_pending(pg_schem
     new = PostgresBackend(PG_DSN, schema=pg_schema, migrations=V2_MIGRATIONS)
     await new.open()  # a writable open applies what is pending
     try:
-        assert await new.schema_version() == 2
+        assert await new.schema_version() == LATEST + 1
         assert await new.pending_migrations() == []
         assert await new.migrate() == []
         assert await sql(pg_schema, "SELECT * FROM notes") == []
@@ -368,7 +378,9 @@ async def test_failing_migration_leaves_nothing_half_done(pg_schema: str) -> Non
     await first.close()
     broken = (
         *MIGRATIONS,
-        Migration(2, "broken", (), ("CREATE TABLE half (id BIGINT)", "SELECT * FROM no_such")),
+        Migration(
+            LATEST + 1, "broken", (), ("CREATE TABLE half (id BIGINT)", "SELECT * FROM no_such")
+        ),
     )
     backend = PostgresBackend(PG_DSN, schema=pg_schema, migrations=broken)
     with pytest.raises(asyncpg.UndefinedTableError):
@@ -377,7 +389,7 @@ async def test_failing_migration_leaves_nothing_half_done(pg_schema: str) -> Non
     rows = await sql(pg_schema, "SELECT to_regclass('half') IS NULL AS gone")
     assert rows[0]["gone"]
     rows = await sql(pg_schema, "SELECT value FROM metadata WHERE key = $1", SCHEMA_VERSION_KEY)
-    assert [r["value"] for r in rows] == ["1"]
+    assert [r["value"] for r in rows] == [str(LATEST)]
 
 
 # -- connecting -------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from test_query import (  # the chat app and conversations shared with the query
 from aiohttp_session_store.backends import backend_from_url
 from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.cli import DB_ENV, main
+from aiohttp_session_store.migrations import MIGRATIONS, latest_version
 from aiohttp_session_store.models import (
     RequestRecord,
     ResponseRecord,
@@ -116,6 +117,9 @@ async def add_history(database: str) -> None:
         )
     finally:
         await backend.close()
+
+
+LATEST = latest_version()
 
 
 @pytest.fixture(scope="module")
@@ -463,6 +467,20 @@ def test_export_to_stdout(run: Run, db: Path) -> None:
     assert "upstream_request" in first
 
 
+def test_export_takes_json_like_every_listing(run: Run, db: Path) -> None:
+    plain = run("--db", db, "export")
+    with_flag = run("--db", db, "export", "--json")
+    assert with_flag[0] == 0
+    assert with_flag[1] == plain[1]
+
+
+def test_backup_creates_missing_parent_directories(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "backups" / "nightly" / "copy.db"
+    code, _, err = run("--db", db, "backup", target)
+    assert (code, err) == (0, "")
+    assert rows(target) == rows(db)
+
+
 def test_export_to_file_with_filters(run: Run, db: Path, tmp_path: Path) -> None:
     target = tmp_path / "out" / "story.jsonl"
     target.parent.mkdir()
@@ -560,7 +578,9 @@ def test_migrate_list_on_a_current_database(run: Run, db: Path) -> None:
     digest = sha256(db)
     code, out, _ = run("--db", db, "migrate", "--list")
     assert code == 0
-    assert out == "schema version 1; this package's latest is 1\nnothing to migrate\n"
+    assert (
+        out == f"schema version {LATEST}; this package's latest is {LATEST}\nnothing to migrate\n"
+    )
     assert sha256(db) == digest
 
 
@@ -568,9 +588,10 @@ def test_migrate_creates_and_is_idempotent(run: Run, tmp_path: Path) -> None:
     new = tmp_path / "new" / "sessions.db"
     code, out, _ = run("--db", new, "migrate")
     assert code == 0
-    assert out == "applied  1  initial schema\nschema version 1\n"
+    applied = "".join(f"applied  {m.version}  {m.name}\n" for m in MIGRATIONS)
+    assert out == f"{applied}schema version {LATEST}\n"
     assert set(rows(new)) >= {"sessions", "requests", "responses", "metadata"}
-    assert run("--db", new, "migrate")[1] == "schema version 1 (already up to date)\n"
+    assert run("--db", new, "migrate")[1] == f"schema version {LATEST} (already up to date)\n"
     assert run("--db", new, "migrate", "--list")[1].endswith("nothing to migrate\n")
 
 
@@ -580,7 +601,8 @@ def test_migrate_list_on_an_older_schema_changes_nothing(run: Run, tmp_path: Pat
     empty.write_bytes(b"")
     code, out, err = run("--db", empty, "migrate", "--list")
     assert (code, err) == (0, ""), err
-    assert out == "schema version 0; this package's latest is 1\npending  1  initial schema\n"
+    pending = "".join(f"pending  {m.version}  {m.name}\n" for m in MIGRATIONS)
+    assert out == f"schema version 0; this package's latest is {LATEST}\n{pending}"
     assert empty.read_bytes() == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
 
@@ -886,7 +908,7 @@ def test_postgres_reading_commands(run: Run, pg_url: str) -> None:
     assert (stats["requests"], stats["tokens"]["total"]) == (7, 75)
     assert len(run("--db", pg_url, "export")[1].splitlines()) == FILLED.requests
     assert run("--db", pg_url, "migrate", "--list")[1].endswith("nothing to migrate\n")
-    assert run("--db", pg_url, "migrate")[1] == "schema version 1 (already up to date)\n"
+    assert run("--db", pg_url, "migrate")[1] == f"schema version {LATEST} (already up to date)\n"
     _code, out, _ = run("--db", pg_url, "sweep", "--dry-run", "--retention", "30d")
     assert out.splitlines()[0] == "expired sessions to delete: 0"
 

@@ -464,3 +464,20 @@ async def test_concurrent_resolves_of_one_new_id_create_one_session(
     results = await asyncio.gather(*(manager.resolve_session("same") for _ in range(50)))
     assert sum(r.is_new for r in results) == 1
     assert (await manager.get_metrics())["total_sessions"] == 1
+
+
+async def test_set_chat_id_of_an_expired_session_is_false(
+    manager: SessionManager, clock: FakeClock
+) -> None:
+    await manager.create_session("s1")
+    clock.advance(TIMEOUT + 1)
+    assert await manager.set_chat_id("s1", "chat") is False
+
+
+async def test_sessions_created_in_one_millisecond_list_newest_first(
+    manager: SessionManager,
+) -> None:
+    for sid in ("zeta", "alpha", "mid"):  # the injected clock does not move: one instant
+        await manager.create_session(sid)
+    assert await manager.get_active_sessions() == ["mid", "alpha", "zeta"]
+    assert [sid for sid, _ in await manager.get_all_sessions()] == ["mid", "alpha", "zeta"]

@@ -666,6 +666,48 @@ async def test_response_parent_id_empty_when_the_handler_did_not_advance(
     assert ex.response.parent_id is None
 
 
+async def test_response_parent_id_is_the_one_this_call_set(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    """Concurrent calls on one session: each row names only what its own handler did."""
+    advancing_done = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        session = get_session(request)
+        assert session is not None
+        manager = get_store(request).manager
+        tag = body["tag"]
+        if tag == "advance":
+            await manager.update_parent_id(session.id, "P-advance")
+            advancing_done.set()
+        elif tag == "idle":
+            # Finishes after a concurrent call on the same session advanced it.
+            await advancing_done.wait()
+        elif tag == "same":
+            # Advances to the parent the session already has: still this call's turn.
+            await advancing_done.wait()
+            await manager.update_parent_id(session.id, "P-advance")
+        return web.json_response(completion(tag))
+
+    client, store = await start(aiohttp_client, tmp_path, handler)
+
+    async def call(tag: str) -> None:
+        body = {**chat_body("One conversation"), "tag": tag}
+        await (await client.post(CHAT_PATH, json=body)).read()
+
+    await call("advance")  # the session exists before the concurrent calls
+    advancing_done.clear()
+    await asyncio.gather(call("idle"), call("same"), call("advance"))
+    found = await exchanges(store)
+    by_tag = {json.loads(e.request.openai_request or "{}")["tag"]: e for e in found[1:]}
+    assert {tag: e.response.parent_id for tag, e in by_tag.items() if e.response} == {
+        "idle": None,
+        "same": "P-advance",
+        "advance": "P-advance",
+    }
+
+
 # -- faults before the handler ---------------------------------------------------------------
 
 

@@ -93,7 +93,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def set_chat_id(self, session_id: str, chat_id: str | None, *, now: int) -> bool:
-        """Set chat_id (and last_accessed); False if the row is missing."""
+        """Set chat_id (and last_accessed) of a row not expired at `now`; False otherwise."""
 
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> bool:

@@ -64,8 +64,9 @@ _ID_DESC: Final = 'id COLLATE "C" DESC'
 
 # The only ORDER BY clauses `list_sessions` ever sends, keyed by `SESSION_ORDERS`.
 _SESSION_ORDER_SQL: Final[dict[SessionOrder, str]] = {
-    "created_at_desc": f"created_at DESC, {_ID_DESC}",
-    "created_at_asc": f"created_at ASC, {_ID_ASC}",
+    # seq (migration 2): sessions created in the same millisecond keep creation order.
+    "created_at_desc": "created_at DESC, seq DESC",
+    "created_at_asc": "created_at ASC, seq ASC",
     "last_accessed_desc": f"last_accessed DESC, {_ID_DESC}",
     "last_accessed_asc": f"last_accessed ASC, {_ID_ASC}",
     "expires_at_desc": f"expires_at DESC, {_ID_DESC}",
@@ -574,7 +575,8 @@ class PostgresBackend(Backend):
 
     async def set_chat_id(self, session_id: str, chat_id: str | None, *, now: int) -> bool:
         status = await self._writable().execute(
-            "UPDATE sessions SET chat_id = $2, last_accessed = $3 WHERE id = $1",
+            "UPDATE sessions SET chat_id = $2, last_accessed = $3"
+            " WHERE id = $1 AND expires_at > $3",
             _text(session_id),
             _text(chat_id),
             now,

@@ -133,8 +133,10 @@ _FACT_SELECT: Final = (
 # The only ORDER BY clauses `list_sessions` ever sends, keyed by `SESSION_ORDERS`; `id`
 # breaks ties so pages are stable.
 _SESSION_ORDER_SQL: Final[dict[SessionOrder, str]] = {
-    "created_at_desc": "created_at DESC, id DESC",
-    "created_at_asc": "created_at ASC, id ASC",
+    # Sessions created in the same millisecond keep their creation order: the rowid (an
+    # upsert keeps it) is the order the writer inserted them in.
+    "created_at_desc": "created_at DESC, rowid DESC",
+    "created_at_asc": "created_at ASC, rowid ASC",
     "last_accessed_desc": "last_accessed DESC, id DESC",
     "last_accessed_asc": "last_accessed ASC, id ASC",
     "expires_at_desc": "expires_at DESC, id DESC",
@@ -717,8 +719,9 @@ class SQLiteBackend(Backend):
         async with self._write() as db:
             n = await _rowcount(
                 db,
-                "UPDATE sessions SET chat_id = ?, last_accessed = ? WHERE id = ?",
-                (chat_id, now, session_id),
+                "UPDATE sessions SET chat_id = ?, last_accessed = ?"
+                " WHERE id = ? AND expires_at > ?",
+                (chat_id, now, session_id, now),
             )
         return n > 0
 
@@ -852,4 +855,5 @@ def _new_file(destination: str) -> Path:
     path = Path(destination)
     if path.exists():
         raise StoreError(f"{destination} already exists; choose a new path for the backup")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
