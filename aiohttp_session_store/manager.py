@@ -472,8 +472,9 @@ class SessionManager:
         """Stop the timer, commit pending writes and close the backend; rows stay."""
         self.stop_cleanup()
         if self._cleanup_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleanup_task
+            # wait(), not `await task`: the task's own cancellation is expected, while a
+            # cancellation of shutdown() itself must still propagate.
+            await asyncio.wait({self._cleanup_task})
             self._cleanup_task = None
         await self.writer.close()
         if self._opened:

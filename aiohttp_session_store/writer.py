@@ -187,8 +187,9 @@ class RecordWriter:
                 self.records_dropped += lost
         task, self._task = self._task, None
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # wait(), not `await task`: the writer's cancellation is expected, while a
+        # cancellation of close() itself must still propagate.
+        await asyncio.wait({task})
         self._settle(self._enqueued, StoreWriteError("the record writer was closed"))
 
     def _take(self) -> tuple[WriteBatch, int]:
