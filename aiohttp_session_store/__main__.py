@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from .cli import main
 
+__all__ = ()
+
 raise SystemExit(main())

@@ -9,6 +9,7 @@ parser, so a record of a broken stream holds exactly what the client was sent.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = (
     "summarize_body",
 )
 
+log: Final = logging.getLogger("aiohttp_session_store.capture")
 _EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
 
 
@@ -126,7 +128,11 @@ class ResponseCapture:
                 self._feed(data)
             if self.before_eof is not None:
                 hook, self.before_eof = self.before_eof, None
-                await hook()
+                try:
+                    await hook()
+                except Exception:
+                    # Recording must never cut off a reply the client is receiving.
+                    log.exception("cannot record a streamed reply before its end")
             await send_eof(data)
 
         # Instance attributes shadow the methods for this one response only.
@@ -174,6 +180,15 @@ class ResponseCapture:
         # surrogatepass: JSON "\ud800" in a reply must not cost the call its record (the
         # backend stores lone surrogates as U+FFFD).
         encoded = text.encode("utf-8", "surrogatepass")
+        if assembled.raw_truncated and not assembled.openai_shaped:
+            # Events were left out to stay within the limit: mark it, with the size sent.
+            return CapturedBody(
+                text=stored_text(text, True, self.bytes_sent),
+                truncated=True,
+                summary=assembled.summary,
+                content=content if isinstance(content, str) else None,
+                stream_error=assembled.error,
+            )
         truncated = len(encoded) > self._limit
         if truncated:
             text = stored_text(encoded[: self._limit].decode("utf-8", "ignore"), True, len(encoded))

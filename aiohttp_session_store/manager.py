@@ -181,7 +181,8 @@ class SessionManager:
         """Wait until what was queued is committed, at most `sync_commit_timeout`."""
         try:
             await asyncio.wait_for(self.writer.flush(), self.sync_commit_timeout)
-        except (asyncio.TimeoutError, StoreWriteError):
+        except (asyncio.TimeoutError, StoreWriteError, RuntimeError):
+            # RuntimeError: the writer is not running (the store is closing).
             if not self._commit_late:  # once per burst, not once per call
                 self._commit_late = True
                 log.warning("not committed within %ss (storage failing)", self.sync_commit_timeout)
@@ -308,12 +309,9 @@ class SessionManager:
                 session_id, now=now, expires_at=now + self._timeout_ms
             )
             if touched is None:
-                stale = await self.backend.get_session(session_id)
-                if (
-                    stale is not None
-                    and stale.is_expired(now)
-                    and await self.backend.delete_session(session_id)
-                ):
+                # Missing or expired; an expired row goes now (lazy deletion), but only if
+                # it is still expired: another instance may have just revived it.
+                if await self.backend.delete_session_if_expired(session_id, now):
                     self.total_cleaned += 1
                 return None
             return touched
@@ -524,6 +522,10 @@ class SessionManager:
         return await self.backend.clear_sessions()
 
     async def _settle_writes(self) -> None:
-        """Listings and sweeps read the database: commit what memory holds first."""
+        """Listings and sweeps read the database: commit what memory holds first.
+
+        Bounded like a sync commit: with storage failing, a listing answers from what is
+        committed instead of hanging (a sweep re-queues what memory slid meanwhile).
+        """
         if self._cached and self.writer.running:
-            await self.writer.flush()
+            await self.commit_bounded()

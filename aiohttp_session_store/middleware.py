@@ -347,7 +347,11 @@ async def _handle(
         )
         raise
     request[SESSION_KEY] = rec.session
-    recorder.queue_request(request, rec, raw, body, ts)
+    try:
+        recorder.queue_request(request, rec, raw, body, ts)
+    except Exception:
+        # Recording must never turn a served call into a failed one.
+        log.exception("cannot record the request %s", rec.request_id)
     try:
         await recorder.commit()
     except asyncio.CancelledError:
@@ -356,13 +360,16 @@ async def _handle(
         )
         raise
     if early is not None:
-        recorder.queue_response(
-            rec,
-            status=early.status,
-            outcome="completed",
-            body=recorder.reply_body(early, rec),
-            error=early.text,
-        )
+        try:
+            recorder.queue_response(
+                rec,
+                status=early.status,
+                outcome="completed",
+                body=recorder.reply_body(early, rec),
+                error=early.text,
+            )
+        except Exception:
+            log.exception("cannot record the response of %s", rec.request_id)
         await recorder.commit()
         return early
     return await _run_handler(recorder, request, handler, rec)
@@ -399,8 +406,8 @@ async def _before_handler(
         return raw, body, None
     rec.session_id = session_id
     try:
-        rec.session = await _resolve(
-            recorder.manager, session_id, recorder.first_message(body, text)
+        rec.session = await recorder.manager.resolve_session(
+            session_id, first_user_message=recorder.first_message(body, text)
         )
     except asyncio.CancelledError:
         raise
@@ -414,10 +421,6 @@ async def _before_handler(
         early.headers["Retry-After"] = "1"
         return raw, body, early
     return raw, body, None
-
-
-async def _resolve(manager: SessionManager, session_id: str, text: str | None) -> Session:
-    return await manager.resolve_session(session_id, first_user_message=text)
 
 
 async def _run_handler(

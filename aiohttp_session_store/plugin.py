@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -31,8 +30,6 @@ __all__ = (
     "set_upstream",
     "setup",
 )
-
-log: Final = logging.getLogger("aiohttp_session_store")
 
 
 class SessionStore:

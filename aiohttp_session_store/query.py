@@ -323,8 +323,9 @@ async def _delete_session(request: web.Request) -> web.Response:
     # Through the manager, not the backend: its cache must forget the session too.
     if not await manager.delete_session(session_id):
         raise _ApiError(404, f"no session {session_id!r}", "not_found_error")
-    # A client that deletes and then reads must not see the row again: commit now.
-    await manager.writer.flush()
+    # A client that deletes and then reads must not see the row again: commit now (bounded,
+    # so the admin API answers even while storage is failing).
+    await manager.commit_bounded()
     return web.json_response({"id": session_id, "deleted": True})
 
 

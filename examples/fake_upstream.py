@@ -41,13 +41,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
+
+_T = TypeVar("_T")
 
 __all__ = (
     "CALLS",
     "CHATS",
+    "LOG_LIMIT",
     "OPENAI_CALLS",
     "SETTINGS",
     "Chat",
@@ -129,6 +132,10 @@ class CompletionCall:
 
 
 SETTINGS: Final = web.AppKey("fake_upstream_settings", Settings)
+#: How many calls the inspection logs below keep (tests read the latest ones); a
+#: long-running example server must not grow without end.
+LOG_LIMIT: Final = 1_000
+
 CHATS: Final = web.AppKey("fake_upstream_chats", dict[str, Chat])
 #: Every completion call received, in order: tests assert the parent chain from it.
 CALLS: Final = web.AppKey("fake_upstream_calls", list[CompletionCall])
@@ -191,6 +198,12 @@ def _compose_reply(chat_id: str, message: str, history: Sequence[Turn]) -> str:
 
 def _delay_for(message: str, settings: Settings) -> float:
     return settings.slow_delay if SLOW_MARKER in message else settings.delta_delay
+
+
+def _log(entries: list[_T], entry: _T) -> None:
+    entries.append(entry)
+    if len(entries) > LOG_LIMIT:
+        del entries[: len(entries) - LOG_LIMIT]
 
 
 async def _send_event(response: web.StreamResponse, payload: object) -> None:
@@ -260,7 +273,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         message=None,
         stream=bool((body or {}).get("stream", True)),
     )
-    request.app[CALLS].append(call)
+    _log(request.app[CALLS], call)
 
     def reject(status: int, code: str, details: str) -> web.Response:
         call.status, call.error = status, details
@@ -391,7 +404,7 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     if body is None or not isinstance(body.get("messages"), list) or not body["messages"]:
         return _openai_error(400, "'messages' must be a non-empty list.", "invalid_request_error")
-    request.app[OPENAI_CALLS].append(body)
+    _log(request.app[OPENAI_CALLS], body)
     messages: list[Any] = body["messages"]
     user_texts = [
         _text_of(m.get("content"))

@@ -56,6 +56,9 @@ from aiohttp_session_store import (
     set_upstream,
     setup,
 )
+from aiohttp_session_store.models import now_ms
+
+__all__ = ("create_app", "main")
 
 log: Final = logging.getLogger("proxy_server")
 
@@ -685,7 +688,8 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok",
             "mode": upstream.mode,
             "upstream": upstream.url,
-            "active_sessions": await get_store(request).manager.get_session_count(),
+            # Committed sessions only: a liveness probe must not force (or wait on) a commit.
+            "active_sessions": await get_store(request).backend.count_sessions(active_at=now_ms()),
         }
     )
 

@@ -974,3 +974,13 @@ async def test_sqlite_backup_is_a_consistent_openable_copy(tmp_path: Path) -> No
         assert (got.chat_id, got.parent_id, got.message_count) == ("c1", "p1", 2)
     finally:
         await copy.close()
+
+
+async def test_delete_session_if_expired_spares_a_live_row(backend: Backend) -> None:
+    await backend.insert_session(make_session("live"))
+    await backend.insert_session(make_session("old", created=T0 - 2 * TTL))
+    assert await backend.delete_session_if_expired("live", T0 + 1) is False
+    assert await backend.get_session("live") is not None
+    assert await backend.delete_session_if_expired("old", T0 + 1) is True
+    assert await backend.get_session("old") is None
+    assert await backend.delete_session_if_expired("missing", T0 + 1) is False

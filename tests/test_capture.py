@@ -641,3 +641,15 @@ async def test_handler_cancelled_before_writing_anything(
     assert r.outcome == "client_disconnected"
     assert r.openai_response is None
     assert r.duration_ms >= 0
+
+
+def test_a_non_openai_stream_cut_to_the_limit_is_marked() -> None:
+    from aiohttp_session_store.capture import summarize_body
+
+    stream = b"data: " + b"a" * 100 + b"\n\n" + b"data: " + b"b" * 2000 + b"\n\ndata: c\n\n"
+    body = summarize_body(stream, 1000, sse=True)
+    assert body.truncated
+    stored = json.loads(body.text or "")
+    assert stored["truncated"] is True
+    assert stored["original_bytes"] == len(stream)
+    assert json.loads(stored["prefix"]) == ["a" * 100]

@@ -100,6 +100,11 @@ class Backend(abc.ABC):
         """Delete one session row (never its records); True if a row went."""
 
     @abc.abstractmethod
+    async def delete_session_if_expired(self, session_id: str, now: int) -> bool:
+        """Delete one session only if it has expired at `now` (checked in the same statement,
+        so a row another instance just revived is never lost); True if a row went."""
+
+    @abc.abstractmethod
     async def delete_expired_sessions(self, now: int, limit: int) -> list[str]:
         """Delete at most `limit` sessions with `expires_at <= now`; return their ids."""
 

@@ -589,6 +589,12 @@ class PostgresBackend(Backend):
         )
         return _count(status) > 0
 
+    async def delete_session_if_expired(self, session_id: str, now: int) -> bool:
+        status = await self._writable().execute(
+            "DELETE FROM sessions WHERE id = $1 AND expires_at <= $2", _text(session_id), now
+        )
+        return _count(status) > 0
+
     async def delete_expired_sessions(self, now: int, limit: int) -> list[str]:
         if limit <= 0:
             return []

@@ -382,7 +382,10 @@ class SQLiteBackend(Backend):
     each operation (a read, or a whole `BEGIN IMMEDIATE ... COMMIT`) exclusive on that
     connection: statements from concurrent coroutines would otherwise interleave inside one
     another's transactions, and a read could see writes that are then rolled back.
-    Other processes (the CLI, a second proxy) are kept consistent by SQLite's own locking.
+    Other processes reading the file (the CLI) are kept consistent by SQLite's own locking.
+    One proxy process owns a file: its SessionManager caches sessions and writes them
+    behind, so a second proxy on the same file would overwrite its turns. Several proxy
+    instances share a PostgreSQL store instead.
     """
 
     name: ClassVar[str] = "sqlite"
@@ -728,6 +731,13 @@ class SQLiteBackend(Backend):
     async def delete_session(self, session_id: str) -> bool:
         async with self._write() as db:
             n = await _rowcount(db, "DELETE FROM sessions WHERE id = ?", (session_id,))
+        return n > 0
+
+    async def delete_session_if_expired(self, session_id: str, now: int) -> bool:
+        async with self._write() as db:
+            n = await _rowcount(
+                db, "DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (session_id, now)
+            )
         return n > 0
 
     async def delete_expired_sessions(self, now: int, limit: int) -> list[str]:
