@@ -89,7 +89,8 @@ class Recording:
     upstream_request: Any = _UNSET
     upstream_response: Any = _UNSET
     upstream_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: The status the response was prepared with (known once headers went out).
+    status_sent: int | None = None
 
 
 RECORDING_KEY: Final = _request_key("aiohttp_session_store.recording", Recording)
@@ -439,7 +440,7 @@ async def _run_handler(
             failed = capture.write_error
             recorder.queue_response(
                 rec,
-                status=_status_sent(rec),
+                status=rec.status_sent,
                 outcome="client_disconnected" if failed else "completed",
                 body=capture.result(),
                 error=repr(failed) if failed else None,
@@ -467,16 +468,16 @@ async def _run_handler(
     except asyncio.CancelledError:
         # aiohttp cancels a handler whose client went away (handler_cancellation=True).
         outcome, error = "client_disconnected", "handler cancelled"
-        status = _status_sent(rec)
+        status = rec.status_sent
         raise
     except (ConnectionResetError, BrokenPipeError) as exc:
         outcome, error = "client_disconnected", repr(exc)
-        status = _status_sent(rec)
+        status = rec.status_sent
         raise
     except Exception as exc:
         outcome, error = "handler_error", f"{type(exc).__name__}: {exc}"
         # Nothing sent yet: aiohttp answers the client with a 500 for us.
-        status = _status_sent(rec) or 500
+        status = rec.status_sent or 500
         raise
     finally:
         CURRENT_TURN.reset(turn_token)
@@ -501,16 +502,12 @@ async def _run_handler(
             await recorder.commit()
 
 
-def _status_sent(rec: Recording) -> int | None:
-    return rec.extra.get("status")
-
-
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Tee streamed replies of recorded calls (a signal handler, registered by `setup`)."""
     rec = request.get(RECORDING_KEY)
     if not isinstance(rec, Recording) or rec.capture is not None:
         return
-    rec.extra["status"] = response.status
+    rec.status_sent = response.status
     if isinstance(response, web.Response):
         return  # its body is read whole from the response object afterwards
     capture = ResponseCapture(limit=rec.limit)
