@@ -96,6 +96,32 @@ class AssembledStream:
     summary: CompletionSummary
     #: Events were left out of `raw_events` to stay within the limits; it holds a prefix.
     raw_truncated: bool = False
+    #: Text was left out of `completion` to stay within `max_text_chars`: it holds a prefix.
+    text_truncated: bool = False
+
+
+class _Budget:
+    """How much text (in characters) a stream may still add to its assembled reply.
+
+    Shared by every choice of one stream, so a reply longer than the store will keep can
+    never grow the proxy's memory without bound; usage and finish reasons still arrive.
+    """
+
+    __slots__ = ("exhausted", "left")
+
+    def __init__(self, chars: int | None) -> None:
+        self.left = chars
+        self.exhausted = False
+
+    def take(self, text: str) -> bool:
+        if self.left is None:
+            return True
+        if len(text) > self.left:
+            self.exhausted = True
+            self.left = 0
+            return False
+        self.left -= len(text)
+        return True
 
 
 class _ToolCall:
@@ -110,6 +136,7 @@ class _ToolCall:
 
 class _Choice:
     __slots__ = (
+        "budget",
         "content",
         "finish_reason",
         "function_arguments",
@@ -122,7 +149,8 @@ class _Choice:
         "tool_calls",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, budget: _Budget) -> None:
+        self.budget = budget
         self.role: str | None = None
         # Non-empty once any content delta came, even "": that is how None and "" differ.
         self.content: list[str] = []
@@ -140,16 +168,16 @@ class _Choice:
         if self.role is None and isinstance(role, str) and role:
             self.role = role
         content = delta.get("content")
-        if isinstance(content, str):
+        if isinstance(content, str) and self.budget.take(content):
             self.content.append(content)
         # Some servers send the same text under both names; take one so it is not doubled.
         reasoning = delta.get("reasoning_content")
         if not isinstance(reasoning, str):
             reasoning = delta.get("reasoning")
-        if isinstance(reasoning, str):
+        if isinstance(reasoning, str) and self.budget.take(reasoning):
             self.reasoning.append(reasoning)
         refusal = delta.get("refusal")
-        if isinstance(refusal, str):
+        if isinstance(refusal, str) and self.budget.take(refusal):
             self.refusal.append(refusal)
         tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
@@ -160,10 +188,10 @@ class _Choice:
         if isinstance(function_call, dict):
             self.function_call = True
             name = function_call.get("name")
-            if isinstance(name, str):
+            if isinstance(name, str) and self.budget.take(name):
                 self.function_name.append(name)
             arguments = function_call.get("arguments")
-            if isinstance(arguments, str):
+            if isinstance(arguments, str) and self.budget.take(arguments):
                 self.function_arguments.append(arguments)
 
     def _merge_tool_call(self, position: int, call: Mapping[str, Any]) -> None:
@@ -189,14 +217,16 @@ class _Choice:
         function = call.get("function")
         if isinstance(function, Mapping):
             name = function.get("name")
-            if isinstance(name, str):
+            if isinstance(name, str) and self.budget.take(name):
                 state.name.append(name)
             arguments = function.get("arguments")
-            if isinstance(arguments, str):
+            if isinstance(arguments, str) and self.budget.take(arguments):
                 state.arguments.append(arguments)
 
     def merge_logprobs(self, logprobs: Mapping[str, Any]) -> None:
         # Each chunk carries the logprobs of its own tokens: the lists concatenate.
+        if self.budget.exhausted:
+            return
         if self.logprobs is None:
             self.logprobs = {}
         for key, value in logprobs.items():
@@ -254,6 +284,7 @@ class ChatStreamAssembler:
     """
 
     __slots__ = (
+        "_budget",
         "_choices",
         "_done",
         "_error",
@@ -267,9 +298,18 @@ class ChatStreamAssembler:
         "_usage",
     )
 
-    def __init__(self, *, max_raw_events: int = 10_000, max_raw_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        *,
+        max_raw_events: int = 10_000,
+        max_raw_bytes: int = 1 << 20,
+        max_text_chars: int | None = None,
+    ) -> None:
         if max_raw_events < 0 or max_raw_bytes < 0:
             raise ValueError("max_raw_events and max_raw_bytes cannot be negative")
+        if max_text_chars is not None and max_text_chars < 0:
+            raise ValueError("max_text_chars cannot be negative")
+        self._budget = _Budget(max_text_chars)
         self._max_raw_events = max_raw_events
         self._max_raw_bytes = max_raw_bytes
         self._raw: list[str] = []
@@ -330,6 +370,7 @@ class ChatStreamAssembler:
             error=self._error,
             summary=completion_summary(completion),
             raw_truncated=self._raw_truncated,
+            text_truncated=self._budget.exhausted,
         )
 
     def _keep_raw(self, data: str) -> None:
@@ -364,7 +405,7 @@ class ChatStreamAssembler:
                 index = position
             state = self._choices.get(index)
             if state is None:
-                state = self._choices[index] = _Choice()
+                state = self._choices[index] = _Choice(self._budget)
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 # A server that sends its whole reply as one unstreamed object in the stream.

@@ -142,7 +142,9 @@ class ResponseCapture:
     def _start_sse(self) -> None:
         self.sse = True
         self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024))
-        self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit)
+        # Text past the limit would be cut from the stored record anyway: not keeping it
+        # bounds the memory a long reply takes while it streams.
+        self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit, max_text_chars=self._limit)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Take bytes that were sent some other way (a whole body)."""
@@ -180,18 +182,12 @@ class ResponseCapture:
         # surrogatepass: JSON "\ud800" in a reply must not cost the call its record (the
         # backend stores lone surrogates as U+FFFD).
         encoded = text.encode("utf-8", "surrogatepass")
-        if assembled.raw_truncated and not assembled.openai_shaped:
-            # Events were left out to stay within the limit: mark it, with the size sent.
-            return CapturedBody(
-                text=stored_text(text, True, self.bytes_sent),
-                truncated=True,
-                summary=assembled.summary,
-                content=content if isinstance(content, str) else None,
-                stream_error=assembled.error,
-            )
-        truncated = len(encoded) > self._limit
+        # Cut while streaming (text past the limit was never kept), or too long to store.
+        cut = assembled.text_truncated or (assembled.raw_truncated and not assembled.openai_shaped)
+        truncated = cut or len(encoded) > self._limit
         if truncated:
-            text = stored_text(encoded[: self._limit].decode("utf-8", "ignore"), True, len(encoded))
+            prefix = encoded[: self._limit].decode("utf-8", "ignore")
+            text = stored_text(prefix, True, self.bytes_sent if cut else len(encoded))
         return CapturedBody(
             text=text,
             truncated=truncated,

@@ -628,3 +628,41 @@ def test_any_split_of_content_and_arguments_reassembles(
     message = result.completion["choices"][0]["message"]
     assert message["content"] == text
     assert message["tool_calls"][0]["function"]["arguments"] == arguments
+
+
+def test_text_past_max_text_chars_is_not_kept_but_usage_and_finish_still_are() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 400, "total_tokens": 403}
+    items: list[dict[str, Any] | str] = [chunk(delta(role="assistant"))]
+    items += [chunk(delta(content="abcd")) for _ in range(100)]
+    items += [chunk(delta(finish_reason="length")), chunk(usage=usage), "[DONE]"]
+    result = assemble(*items, max_text_chars=10)
+    assert result.text_truncated
+    assert result.completion is not None
+    assert result.completion["choices"][0]["message"]["content"] == "abcdabcd"
+    assert result.completion["choices"][0]["finish_reason"] == "length"
+    assert result.summary == CompletionSummary(3, 400, 403, "length")
+    untouched = assemble(*items)
+    assert not untouched.text_truncated
+    assert untouched.completion is not None
+    assert untouched.completion["choices"][0]["message"]["content"] == "abcd" * 100
+
+
+def test_max_text_chars_bounds_tool_arguments_and_reasoning_too() -> None:
+    items: list[dict[str, Any] | str] = [
+        chunk(delta(reasoning_content="think " * 5)),
+        chunk(
+            delta(
+                tool_calls=[
+                    tool_delta(
+                        0, id="c1", type="function", function={"name": "f", "arguments": "x" * 50}
+                    )
+                ]
+            )
+        ),
+    ]
+    result = assemble(*items, max_text_chars=40)
+    assert result.text_truncated
+    assert result.completion is not None
+    message = result.completion["choices"][0]["message"]
+    assert message["reasoning_content"] == "think " * 5
+    assert message["tool_calls"][0]["function"]["arguments"] == ""
