@@ -30,6 +30,11 @@ from bench_workload import AUTHORIZATION, conversation_bodies
 
 from aiohttp_session_store import RequestRecord, ResponseRecord, SessionManager, StoreConfig
 from aiohttp_session_store.backends.base import Backend
+from aiohttp_session_store.backends.columns import (
+    REQUEST_COLUMNS,
+    RESPONSE_COLUMNS,
+    SESSION_COLUMNS,
+)
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
 from aiohttp_session_store.models import now_ms
 from aiohttp_session_store.writer import RecordWriter
@@ -319,21 +324,13 @@ def _response_rows(shape: ScaleShape, now: int) -> Iterator[tuple[object, ...]]:
         )
 
 
-_SESSION_INSERT: Final = (
-    "INSERT INTO sessions (id, chat_id, parent_id, first_user_message, message_count,"
-    " created_at, last_accessed, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_REQUEST_INSERT: Final = (
-    "INSERT INTO requests (request_id, session_id, timestamp, method, path, model, stream,"
-    " openai_request, upstream_request, headers, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_RESPONSE_INSERT: Final = (
-    "INSERT INTO responses (response_id, request_id, session_id, timestamp, status_code,"
-    " outcome, openai_response, upstream_response, parent_id, prompt_tokens,"
-    " completion_tokens, total_tokens, finish_reason, error, duration_ms, first_byte_ms,"
-    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+def _insert(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+_SESSION_INSERT: Final = _insert("sessions", SESSION_COLUMNS)
+_REQUEST_INSERT: Final = _insert("requests", REQUEST_COLUMNS)
+_RESPONSE_INSERT: Final = _insert("responses", RESPONSE_COLUMNS)
 
 
 async def _migrate_sqlite(path: Path) -> None:
@@ -387,56 +384,17 @@ async def build_postgres_store(url: str, schema: str, shape: ScaleShape) -> floa
         await conn.copy_records_to_table(
             "sessions",
             records=_session_rows(shape, now),
-            columns=[
-                "id",
-                "chat_id",
-                "parent_id",
-                "first_user_message",
-                "message_count",
-                "created_at",
-                "last_accessed",
-                "expires_at",
-            ],
+            columns=list(SESSION_COLUMNS),
         )
         await conn.copy_records_to_table(
             "requests",
             records=_request_rows(shape, now),
-            columns=[
-                "request_id",
-                "session_id",
-                "timestamp",
-                "method",
-                "path",
-                "model",
-                "stream",
-                "openai_request",
-                "upstream_request",
-                "headers",
-                "created_at",
-            ],
+            columns=list(REQUEST_COLUMNS),
         )
         await conn.copy_records_to_table(
             "responses",
             records=_response_rows(shape, now),
-            columns=[
-                "response_id",
-                "request_id",
-                "session_id",
-                "timestamp",
-                "status_code",
-                "outcome",
-                "openai_response",
-                "upstream_response",
-                "parent_id",
-                "prompt_tokens",
-                "completion_tokens",
-                "total_tokens",
-                "finish_reason",
-                "error",
-                "duration_ms",
-                "first_byte_ms",
-                "created_at",
-            ],
+            columns=list(RESPONSE_COLUMNS),
         )
         await conn.execute("ANALYZE")
     finally:

@@ -56,6 +56,7 @@ from aiohttp_session_store import (
     set_upstream,
     setup,
 )
+from aiohttp_session_store.hashing import content_text
 from aiohttp_session_store.models import now_ms
 
 __all__ = ("create_app", "main")
@@ -166,17 +167,9 @@ def openai_error(
     )
 
 
-def text_of(content: object) -> str:
-    """The text of a message's content: a string, or its text parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
+def _text_of(content: object) -> str:
+    """A message's text, by the same rule the store derives session ids with."""
+    return content_text(content) or ""
 
 
 def last_user_text(body: Mapping[str, Any]) -> str | None:
@@ -185,7 +178,7 @@ def last_user_text(body: Mapping[str, Any]) -> str | None:
         return None
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            return text_of(message.get("content"))
+            return _text_of(message.get("content"))
     return None
 
 
@@ -458,7 +451,7 @@ async def reply_json(
         raise UpstreamError(502, f"upstream reply has no data.parent_id: {reply!r:.200}")
     await turn.advance(request, new_parent)
     turn.completion.content.append(
-        text_of(as_dict(first_choice(data).get("message")).get("content"))
+        _text_of(as_dict(first_choice(data).get("message")).get("content"))
     )
     turn.completion.usage = as_dict(data.get("usage"))
     return web.json_response(turn.completion.message())

@@ -59,19 +59,10 @@ RESPONSE_COLUMNS: Final = (
 
 # What a response recorded again under its id may change (sync durability records a
 # stream before its end is sent, then once more when the handler has returned).
-MUTABLE_RESPONSE_COLUMNS: Final = (
-    "status_code",
-    "outcome",
-    "openai_response",
-    "upstream_response",
-    "parent_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "finish_reason",
-    "error",
-    "duration_ms",
-    "first_byte_ms",
+MUTABLE_RESPONSE_COLUMNS: Final = tuple(
+    c
+    for c in RESPONSE_COLUMNS
+    if c not in ("response_id", "request_id", "session_id", "timestamp", "created_at")
 )
 
 # Retention only purges ended calls (a response exists), so an in-flight call's response
