@@ -9,6 +9,7 @@ from typing import Final, Literal
 __all__ = (
     "OUTCOMES",
     "Exchange",
+    "LineageNode",
     "Outcome",
     "RequestQuery",
     "RequestRecord",
@@ -49,6 +50,28 @@ def storable(value: object) -> object:
     except UnicodeEncodeError:
         return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class LineageNode:
+    """A point of a conversation the upstream has seen: the reply a call's handler stored.
+
+    `hash` is the chain hash of the call's messages followed by its reply (see `lineage`),
+    so the same history resent by a client finds this node again. Nodes are immutable and
+    content-addressed: inserting one whose hash exists keeps the first (no duplicate).
+    """
+
+    hash: str
+    scope: str
+    session_id: str | None
+    chat_id: str | None
+    node_id: str
+    response_id: str | None
+    #: Messages in the chain up to and including the reply.
+    depth: int
+    #: The node this call continued from (None: it started a new upstream chat).
+    parent_hash: str | None
+    created_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +214,12 @@ class WriteBatch:
     requests: list[RequestRecord] = field(default_factory=list)
     upstream_requests: list[tuple[str, str]] = field(default_factory=list)
     responses: list[ResponseRecord] = field(default_factory=list)
+    nodes: list[LineageNode] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
-            len(self.sessions)
+            len(self.nodes)
+            + len(self.sessions)
             + len(self.deleted_sessions)
             + len(self.requests)
             + len(self.upstream_requests)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import ClassVar
 
 from ..models import (
     Exchange,
+    LineageNode,
     RequestQuery,
     RequestRecord,
     ResponseFact,
@@ -155,6 +157,21 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def response_facts(self, query: RequestQuery) -> list[ResponseFact]:
         """Measurable fields of the responses whose request matches `query`."""
+
+    # -- conversation lineage ----------------------------------------------------------
+    # Nodes are written by `write_batch` (`batch.nodes`, insert-or-keep-first by hash).
+
+    async def get_lineage_nodes(self, hashes: Sequence[str]) -> list[LineageNode]:
+        """The stored nodes whose `hash` is one of `hashes` (one indexed query)."""
+        raise NotImplementedError(f"the {self.name} backend does not store lineage yet")
+
+    async def list_lineage_nodes(self, session_id: str) -> list[LineageNode]:
+        """Every node recorded for `session_id`, oldest first (the conversation's tree)."""
+        raise NotImplementedError(f"the {self.name} backend does not store lineage yet")
+
+    async def delete_lineage_before(self, cutoff: int, limit: int) -> int:
+        """Delete at most `limit` nodes with `created_at < cutoff`; return how many went."""
+        raise NotImplementedError(f"the {self.name} backend does not store lineage yet")
 
     def is_permanent_error(self, exc: BaseException) -> bool:
         """True when retrying `write_batch` cannot help (a constraint or data error).
