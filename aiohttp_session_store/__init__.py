@@ -6,9 +6,11 @@ from .config import StoreConfig
 from .errors import (
     BackendUnavailableError,
     DatabaseNotFoundError,
+    ForeignDatabaseError,
     InvalidSessionIdError,
     SchemaVersionError,
     StoreError,
+    StoreUnavailableError,
     StoreWriteError,
 )
 from .hashing import generate_session_id
@@ -30,6 +32,7 @@ __all__ = (
     "STORE_KEY",
     "BackendUnavailableError",
     "DatabaseNotFoundError",
+    "ForeignDatabaseError",
     "InvalidSessionIdError",
     "RequestRecord",
     "ResponseRecord",
@@ -39,6 +42,7 @@ __all__ = (
     "SessionStore",
     "StoreConfig",
     "StoreError",
+    "StoreUnavailableError",
     "StoreWriteError",
     "generate_session_id",
     "get_session",

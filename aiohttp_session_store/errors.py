@@ -5,9 +5,11 @@ from __future__ import annotations
 __all__ = (
     "BackendUnavailableError",
     "DatabaseNotFoundError",
+    "ForeignDatabaseError",
     "InvalidSessionIdError",
     "SchemaVersionError",
     "StoreError",
+    "StoreUnavailableError",
     "StoreWriteError",
 )
 
@@ -45,3 +47,17 @@ class BackendUnavailableError(StoreError):
 
 class StoreWriteError(StoreError):
     """Records could not be committed (storage failing) and were dropped."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached or is failing (server down, restarting, disk I/O).
+
+    Transient: retrying later can succeed. A proxy answers 503 with `Retry-After`.
+    """
+
+
+class ForeignDatabaseError(StoreError):
+    """The file or schema holds someone else's tables and no schema version of ours.
+
+    The store refuses to add its tables there unless told to (`adopt=True`).
+    """
