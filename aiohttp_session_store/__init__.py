@@ -15,16 +15,18 @@ from .errors import (
 )
 from .hashing import generate_session_id
 from .manager import SessionManager
-from .models import RequestRecord, ResponseRecord, Session
+from .models import LineageNode, RequestRecord, ResponseRecord, Session
 from .plugin import (
     STORE_KEY,
     SessionStore,
     get_session,
     get_store,
+    get_turn,
     mark_upstream_error,
     set_upstream,
     setup,
 )
+from .turn import Turn
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,7 @@ __all__ = (
     "DatabaseNotFoundError",
     "ForeignDatabaseError",
     "InvalidSessionIdError",
+    "LineageNode",
     "RequestRecord",
     "ResponseRecord",
     "SchemaVersionError",
@@ -44,9 +47,11 @@ __all__ = (
     "StoreError",
     "StoreUnavailableError",
     "StoreWriteError",
+    "Turn",
     "generate_session_id",
     "get_session",
     "get_store",
+    "get_turn",
     "mark_upstream_error",
     "set_upstream",
     "setup",

@@ -6,7 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-__all__ = ("DEFAULT_REDACT_HEADERS", "BodyRedactor", "Durability", "StoreConfig")
+__all__ = (
+    "DEFAULT_CREDENTIAL_HEADERS",
+    "DEFAULT_REDACT_HEADERS",
+    "BodyRedactor",
+    "Durability",
+    "StoreConfig",
+)
 
 Durability = Literal["batched", "sync"]
 
@@ -19,6 +25,17 @@ DEFAULT_REDACT_HEADERS: Final = (
     "Cookie",
     "X-Api-Key",
     "Proxy-Authorization",
+)
+
+#: Headers that identify a caller, in the order they are looked for: the first present one
+#: scopes the caller's session ids and conversation lineage.
+DEFAULT_CREDENTIAL_HEADERS: Final = (
+    "Authorization",
+    "Proxy-Authorization",
+    "X-Api-Key",
+    "Api-Key",
+    "X-Goog-Api-Key",
+    "Anthropic-Api-Key",
 )
 
 
@@ -44,6 +61,15 @@ class StoreConfig:
     #: the credential's SHA-256 digest joined to the first user text, so two clients opening
     #: with the same words never share an upstream chat.
     scope_header: str | None = None
+    #: Scope derived session ids and conversation lineage by the caller's credential (the
+    #: first of `credential_headers` present), so two callers never share a session or an
+    #: upstream chat. A request without a credential is unscoped (plain MD5 ids).
+    scope_by_credential: bool = True
+    credential_headers: tuple[str, ...] = DEFAULT_CREDENTIAL_HEADERS
+    #: A secret for the credential digest (HMAC-SHA-256); None: plain SHA-256.
+    scope_key: bytes | None = None
+    #: Memory for known conversation points (lineage nodes), in bytes.
+    lineage_cache_bytes: int = 16 * 1024 * 1024
     #: Optional PII hook applied to request and response bodies before they are stored.
     redact_body: BodyRedactor | None = None
     #: Headers that may also carry secrets under other names (matched case-insensitively).
@@ -66,6 +92,11 @@ class StoreConfig:
             raise ValueError("max_pending_records must be >= 1")
         if self.sweep_batch_size < 1:
             raise ValueError("sweep_batch_size must be >= 1")
+        if self.lineage_cache_bytes < 0:
+            raise ValueError("lineage_cache_bytes must be >= 0")
+        if isinstance(self.credential_headers, str):
+            raise TypeError("credential_headers must be a tuple of header names, not a string")
+        object.__setattr__(self, "credential_headers", tuple(self.credential_headers))
         if isinstance(self.paths, str):
             raise TypeError("paths must be a tuple of paths, not a string")
         # Accept any iterable of strings but store a tuple so the config stays hashable.
@@ -76,6 +107,12 @@ class StoreConfig:
     def redacted_header_names(self) -> frozenset[str]:
         """Lower-cased names of every header that is never stored in clear."""
         return frozenset(h.lower() for h in (*self.redact_headers, *self.extra_redact_headers))
+
+    def credential_header_names(self) -> tuple[str, ...]:
+        """The headers whose value scopes a caller, in the order they are looked for."""
+        if self.scope_header is not None:
+            return (self.scope_header,)
+        return self.credential_headers if self.scope_by_credential else ()
 
     def replace(self, **changes: Any) -> StoreConfig:
         """A copy with `changes` applied (validated again)."""

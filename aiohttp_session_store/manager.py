@@ -17,7 +17,6 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import replace
 from types import TracebackType
 from typing import Final
@@ -27,7 +26,9 @@ from .backends.base import Backend
 from .config import Durability, StoreConfig
 from .errors import InvalidSessionIdError, StoreWriteError
 from .hashing import generate_session_id
+from .lineage_index import LineageIndex
 from .models import Session, SessionQuery, now_ms
+from .turn import CURRENT_TURN, Turn, note_chat, note_reply
 from .writer import DELETED, RecordWriter
 
 __all__ = ("CURRENT_TURN", "SessionManager", "Turn")
@@ -37,29 +38,8 @@ log: Final = logging.getLogger("aiohttp_session_store.manager")
 Clock = Callable[[], int]
 
 
-class Turn:
-    """What the handler of one call did to its session (set by the middleware per call)."""
-
-    __slots__ = ("advanced", "parent_id", "session_id")
-
-    def __init__(self, session_id: str) -> None:
-        self.session_id = session_id
-        self.advanced = False
-        self.parent_id: str | None = None
-
-
-#: The call being handled in this context, if the middleware is recording one: lets the
-#: response record name the parent *this* call set, not a concurrent call's.
-CURRENT_TURN: Final[ContextVar[Turn | None]] = ContextVar(
-    "aiohttp_session_store.turn", default=None
-)
-
-
 def _note_turn(session_id: str, parent_id: str | None) -> None:
-    turn = CURRENT_TURN.get()
-    if turn is not None and turn.session_id == session_id:
-        turn.advanced = True
-        turn.parent_id = parent_id
+    note_reply(session_id, parent_id)
 
 
 class _Same:
@@ -99,6 +79,10 @@ class SessionManager:
             self.backend,
             flush_interval=self.config.flush_interval,
             max_pending=self.config.max_pending_records,
+        )
+        #: Which upstream node a resent history continues (see `lineage`).
+        self.lineage = LineageIndex(
+            self.backend, self.writer, max_bytes=self.config.lineage_cache_bytes
         )
         self._cleanup_task: asyncio.Task[None] | None = None
         self._opened = False
@@ -362,6 +346,7 @@ class SessionManager:
 
     async def set_chat_id(self, session_id: str, chat_id: str | None) -> bool:
         _check_id(session_id)
+        note_chat(session_id, chat_id)
         now = self._clock()
         if not self._cached:
             return await self.backend.set_chat_id(session_id, chat_id, now=now)

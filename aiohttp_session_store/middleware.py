@@ -28,9 +28,11 @@ from .capture import (
 )
 from .config import StoreConfig
 from .errors import InvalidSessionIdError
-from .hashing import first_user_text, generate_session_id, scoped_session_id, validate_session_id
-from .manager import CURRENT_TURN, SessionManager, Turn
+from .hashing import first_user_text, generate_session_id, validate_session_id
+from .lineage import scope_digest
+from .manager import SessionManager
 from .models import Outcome, RequestRecord, ResponseRecord, Session, now_ms
+from .turn import CURRENT_TURN, Turn
 
 __all__ = (
     "RECORDING_KEY",
@@ -117,6 +119,7 @@ class _Recorder:
         self.redacted = config.redacted_header_names
         self.limit = config.max_body_bytes
         self.sync = config.durability == "sync"
+        self.credential_headers = config.credential_header_names()
         self.hook_failed = False
 
     async def commit(self) -> None:
@@ -203,7 +206,20 @@ class _Recorder:
             return text
         return first_user_text(self.redact(body)) or ""
 
-    def session_id_for(self, request: web.Request, body: Any) -> tuple[str | None, str | None]:
+    def scope_of(self, request: web.Request) -> str:
+        """The caller's scope: a digest of its credential, or "" when it sent none."""
+        for name in self.credential_headers:
+            value = request.headers.get(name)
+            if value:
+                return scope_digest(value, self.config.scope_key)
+        if self.config.scope_header is not None:
+            # An explicit scope_header: calls without it share the empty credential's scope.
+            return scope_digest("", self.config.scope_key)
+        return ""
+
+    def session_id_for(
+        self, request: web.Request, body: Any, scope: str
+    ) -> tuple[str | None, str | None]:
         """(session id, first user text); raises InvalidSessionIdError for a bad header."""
         text = first_user_text(body)
         chosen = request.headers.get(self.config.session_header)
@@ -211,9 +227,8 @@ class _Recorder:
             return validate_session_id(chosen), text
         if text is None:
             return None, None
-        scope = self.config.scope_header
-        if scope is not None:
-            return scoped_session_id(request.headers.get(scope, ""), text), text
+        if scope:
+            return generate_session_id(f"{scope}\x00{text}"), text
         return generate_session_id(text), text
 
     def queue_request(
@@ -262,7 +277,7 @@ class _Recorder:
             error = self.to_text(body.stream_error)
         ended = time.perf_counter()
         turn = rec.turn
-        parent_id = turn.parent_id if turn is not None and turn.advanced else None
+        parent_id = turn.reply_node_id if turn is not None and turn.advanced else None
         # A whole (non-streamed) body leaves in one piece once the handler has returned.
         first_byte = rec.capture.first_byte_at if rec.capture else (ended if body else None)
         summary = body.summary if body is not None else None
@@ -293,6 +308,20 @@ class _Recorder:
             created_at=ts,
         )
         self.writer.put_response(record)
+        if turn is not None and outcome == "completed" and status is not None and status < 400:
+            self.record_lineage(turn, body, rec.response_id, ts)
+
+    def record_lineage(
+        self, turn: Turn, body: CapturedBody | None, response_id: str, now: int
+    ) -> None:
+        """The point of the conversation this call reached, once its reply went out whole."""
+        if not turn.advanced or body is None or body.truncated or body.text is None:
+            return
+        try:
+            reply = json.loads(body.text)
+        except (ValueError, RecursionError):
+            return
+        self.manager.lineage.complete(turn, reply, response_id=response_id, now=now)
 
     def reply_body(self, response: web.StreamResponse, rec: Recording) -> CapturedBody | None:
         if rec.capture is not None:
@@ -398,18 +427,23 @@ async def _before_handler(
         except (ValueError, RecursionError):
             body = None
     rec.body = body
+    scope = recorder.scope_of(request)
     try:
-        session_id, text = recorder.session_id_for(request, body)
+        session_id, text = recorder.session_id_for(request, body, scope)
     except InvalidSessionIdError as exc:
         message = f"{recorder.config.session_header}: {exc}"
         return raw, body, _error_response(400, message, "invalid_request_error")
-    if session_id is None:
-        return raw, body, None
-    rec.session_id = session_id
+    manager = recorder.manager
     try:
-        rec.session = await recorder.manager.resolve_session(
-            session_id, first_user_message=recorder.first_message(body, text)
-        )
+        if session_id is not None:
+            rec.session_id = session_id
+            rec.session = await manager.resolve_session(
+                session_id, first_user_message=recorder.first_message(body, text)
+            )
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if isinstance(messages, list):
+            rec.turn = await manager.lineage.resolve(messages, scope=scope, session=rec.session)
+            rec.turn.manager = manager
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -449,8 +483,6 @@ async def _run_handler(
             await recorder.commit()
 
         rec.before_eof = record_before_eof
-    if rec.session is not None:
-        rec.turn = Turn(rec.session.id)
     turn_token = CURRENT_TURN.set(rec.turn)
     try:
         response = await handler(request)

@@ -123,6 +123,26 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "ALTER TABLE sessions ADD COLUMN seq BIGSERIAL",
         ),
     ),
+    Migration(
+        3,
+        "conversation lineage",
+        (
+            """CREATE TABLE lineage (
+                hash TEXT PRIMARY KEY, scope TEXT NOT NULL, session_id TEXT, chat_id TEXT,
+                node_id TEXT NOT NULL, response_id TEXT, depth INTEGER NOT NULL,
+                parent_hash TEXT, created_at INTEGER NOT NULL)""",
+            "CREATE INDEX idx_lineage_session_id ON lineage (session_id)",
+            "CREATE INDEX idx_lineage_created_at ON lineage (created_at)",
+        ),
+        (
+            """CREATE TABLE lineage (
+                hash TEXT PRIMARY KEY, scope TEXT NOT NULL, session_id TEXT, chat_id TEXT,
+                node_id TEXT NOT NULL, response_id TEXT, depth INTEGER NOT NULL,
+                parent_hash TEXT, created_at BIGINT NOT NULL)""",
+            "CREATE INDEX idx_lineage_session_id ON lineage (session_id)",
+            "CREATE INDEX idx_lineage_created_at ON lineage (created_at)",
+        ),
+    ),
 )
 
 

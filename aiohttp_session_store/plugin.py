@@ -20,12 +20,14 @@ from .middleware import (
     on_response_prepare,
 )
 from .models import Session
+from .turn import Turn
 
 __all__ = (
     "STORE_KEY",
     "SessionStore",
     "get_session",
     "get_store",
+    "get_turn",
     "mark_upstream_error",
     "set_upstream",
     "setup",
@@ -122,6 +124,19 @@ def get_session(request: web.BaseRequest) -> Session | None:
     """
     session = request.get(SESSION_KEY)
     return session if isinstance(session, Session) else None
+
+
+def get_turn(request: web.BaseRequest) -> Turn | None:
+    """Where this call continues its upstream conversation (see `Turn`).
+
+    `turn.chat_id` / `turn.parent_id`: the upstream chat and node to continue (None: start
+    a new chat); `turn.messages`: exactly the messages the upstream has not seen on that
+    branch (the whole history when nothing is known). After the upstream answered, report
+    the node the reply became with `await turn.advance(chat_id=..., node_id=...)`.
+    None when the path is not recorded or the body has no `messages` list.
+    """
+    rec = request.get(RECORDING_KEY)
+    return rec.turn if isinstance(rec, Recording) else None
 
 
 def _recording(request: web.BaseRequest) -> Recording:

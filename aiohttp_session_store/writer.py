@@ -19,7 +19,7 @@ from typing import Final
 
 from .backends.base import Backend
 from .errors import StoreWriteError
-from .models import RequestRecord, ResponseRecord, Session, WriteBatch
+from .models import LineageNode, RequestRecord, ResponseRecord, Session, WriteBatch
 
 __all__ = ("DELETED", "RecordWriter")
 
@@ -60,6 +60,7 @@ class RecordWriter:
         self._requests: list[RequestRecord] = []
         self._upstream: list[tuple[str, str]] = []
         self._responses: list[ResponseRecord] = []
+        self._nodes: list[LineageNode] = []
         # What the current commit holds, so reads still see it while the commit runs.
         self._inflight_sessions: dict[str, Session | _Deleted] = {}
         self._inflight_records = 0
@@ -83,7 +84,7 @@ class RecordWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._requests) + len(self._responses) + len(self._upstream)
+        return len(self._requests) + len(self._responses) + len(self._upstream) + len(self._nodes)
 
     def _accept(self) -> bool:
         if self.pending >= self._max_pending:
@@ -132,6 +133,14 @@ class RecordWriter:
         if not self._accept():
             return False
         self._responses.append(record)
+        self._handed_over()
+        return True
+
+    def put_node(self, node: LineageNode) -> bool:
+        """Queue a lineage node (committed with the records handed over with it)."""
+        if not self._accept():
+            return False
+        self._nodes.append(node)
         self._handed_over()
         return True
 
@@ -199,13 +208,14 @@ class RecordWriter:
             requests=self._requests,
             upstream_requests=self._upstream,
             responses=self._responses,
+            nodes=self._nodes,
         )
         self._inflight_sessions = self._sessions
         self._inflight_records = (
             len(batch.requests) + len(batch.upstream_requests) + len(batch.responses)
         )
         self._sessions = {}
-        self._requests, self._upstream, self._responses = [], [], []
+        self._requests, self._upstream, self._responses, self._nodes = [], [], [], []
         return batch, self._enqueued
 
     def _settle(self, upto: int, error: BaseException | None = None) -> None:
@@ -283,6 +293,7 @@ class RecordWriter:
             *(WriteBatch(requests=[r]) for r in batch.requests),
             *(WriteBatch(upstream_requests=[u]) for u in batch.upstream_requests),
             *(WriteBatch(responses=[r]) for r in batch.responses),
+            *(WriteBatch(nodes=[n]) for n in batch.nodes),
         ]
         for single in singles:
             try:

@@ -55,13 +55,17 @@ __all__ = (
     "SETTINGS",
     "Chat",
     "CompletionCall",
+    "Node",
     "Settings",
-    "Turn",
+    "conversation",
     "create_app",
     "main",
 )
 
 FAIL_MARKER: Final = "[fail]"
+#: A user message containing this gets a tool call back instead of text.
+TOOL_MARKER: Final = "[tool]"
+ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
 FAIL_MID_MARKER: Final = "[fail-mid]"
 SLOW_MARKER: Final = "[slow]"
 
@@ -84,34 +88,38 @@ class Settings:
 
 
 @dataclass(frozen=True, slots=True)
-class Turn:
-    """One exchange in a chat, reachable by the ``parent_id`` handed out for it."""
+class Node:
+    """One message of a chat's tree, reachable by its id (the ``parent_id`` clients send)."""
 
-    parent_id: str  # what the client sends to continue after this turn
-    message_id: str  # the assistant message (``response_id`` in the stream)
-    previous: str | None  # the parent_id this turn was attached to
-    user_message: str
-    reply: str
+    id: str
+    parent: str | None  # the node this message was attached under (None: a root)
+    #: The message as stored: ``role``, ``content`` and, when given, ``name``,
+    #: ``tool_calls`` and ``tool_call_id``.
+    message: dict[str, Any]
 
 
 @dataclass(slots=True)
 class Chat:
-    """A conversation kept server side: its turns form a tree, as in the real service."""
+    """A conversation kept server side: its messages form a tree, as in the real service."""
 
     id: str
     title: str
     model: str
-    turns: dict[str, Turn] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
 
-    def history(self, parent_id: str | None) -> list[Turn]:
-        """The turns from the first one to ``parent_id``, oldest first."""
-        chain: list[Turn] = []
-        while parent_id is not None:
-            turn = self.turns[parent_id]
-            chain.append(turn)
-            parent_id = turn.previous
+    def chain(self, node_id: str | None) -> list[Node]:
+        """The nodes from the root to ``node_id``, oldest first."""
+        chain: list[Node] = []
+        while node_id is not None:
+            node = self.nodes[node_id]
+            chain.append(node)
+            node_id = node.parent
         chain.reverse()
         return chain
+
+    def messages(self, node_id: str | None) -> list[dict[str, Any]]:
+        """The conversation the model sees at ``node_id``: every message from the root."""
+        return [node.message for node in self.chain(node_id)]
 
 
 @dataclass(slots=True)
@@ -120,8 +128,11 @@ class CompletionCall:
 
     chat_id: str | None
     parent_id: str | None
+    #: The text of the last user message sent (None if there was none).
     message: str | None
     stream: bool
+    #: Every message sent, as received.
+    messages: list[Any] = field(default_factory=list)
     #: The parent_id handed out for the next turn; None when the call was rejected.
     new_parent_id: str | None = None
     #: HTTP status of the reply.
@@ -187,13 +198,57 @@ def _split_deltas(text: str, max_deltas: int = MAX_DELTAS) -> list[str]:
     return ["".join(words[i : i + size]) for i in range(0, len(words), size)]
 
 
-def _compose_reply(chat_id: str, message: str, history: Sequence[Turn]) -> str:
+def _compose_reply(chat_id: str, context: Sequence[dict[str, Any]]) -> str:
     """A deterministic reply that shows which turn of which chat this is and what came before."""
-    text = f'Turn {len(history) + 1} of chat {chat_id}: you said "{message}".'
-    if history:
-        earlier = ", ".join(f'"{turn.user_message}"' for turn in history)
-        return f"{text} Earlier you said: {earlier}."
-    return f"{text} This is the start of our conversation."
+    said = [_text_of(m.get("content")) for m in context if m.get("role") == "user"]
+    last = context[-1]
+    if last.get("role") == "tool":
+        text = (
+            f'Turn {len(said)} of chat {chat_id}: the tool said "{_text_of(last.get("content"))}".'
+        )
+    else:
+        text = f'Turn {len(said)} of chat {chat_id}: you said "{said[-1] if said else ""}".'
+    earlier = said[:-1] if last.get("role") != "tool" else said
+    if earlier:
+        text += " Earlier you said: " + ", ".join(f'"{t}"' for t in earlier) + "."
+    elif last.get("role") != "tool":
+        text += " This is the start of our conversation."
+    system = [_text_of(m.get("content")) for m in context if m.get("role") == "system"]
+    if system:
+        text += f' My instructions: "{system[-1]}".'
+    return text
+
+
+def _tool_call(text: str) -> dict[str, Any]:
+    arguments = json.dumps({"query": text.replace(TOOL_MARKER, "").strip()})
+    return {
+        "id": f"call_{uuid.uuid4().hex[:12]}",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": arguments},
+    }
+
+
+def _stored_message(raw: object) -> dict[str, Any] | None:
+    """A message as the tree keeps it, or None when it is not a message this API takes."""
+    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
+        return None
+    message: dict[str, Any] = {"role": raw["role"], "content": _text_of(raw.get("content"))}
+    for key in ("name", "tool_call_id"):
+        if isinstance(raw.get(key), str):
+            message[key] = raw[key]
+    if isinstance(raw.get("tool_calls"), list) and raw["tool_calls"]:
+        message["tool_calls"] = raw["tool_calls"]
+    if not message["content"] and "tool_calls" not in message:
+        return None
+    return message
+
+
+def conversation(app: web.Application, node_id: str) -> list[dict[str, Any]]:
+    """The messages from the root of its chat to ``node_id`` (for tests: what the model saw)."""
+    for chat in app[CHATS].values():
+        if node_id in chat.nodes:
+            return chat.messages(node_id)
+    raise KeyError(node_id)
 
 
 def _delay_for(message: str, settings: Settings) -> float:
@@ -264,7 +319,7 @@ async def new_chat(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /api/v2/chat/completions?chat_id=...``: one new message, attached to ``parent_id``."""
+    """``POST /api/v2/chat/completions?chat_id=...``: messages attached under ``parent_id``."""
     body = await _json_body(request)
     chat_id = request.query.get("chat_id") or (body or {}).get("chat_id")
     call = CompletionCall(
@@ -283,54 +338,71 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return reject(400, "Bad_Request", "The request body must be a JSON object.")
     parent_id = body.get("parent_id")
     call.parent_id = parent_id if isinstance(parent_id, str) else None
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        if users:
-            call.message = _text_of(users[-1].get("content"))
+    raw_messages = body.get("messages")
+    call.messages = raw_messages if isinstance(raw_messages, list) else []
+    users = [m for m in call.messages if isinstance(m, dict) and m.get("role") == "user"]
+    if users:
+        call.message = _text_of(users[-1].get("content"))
 
     chat = request.app[CHATS].get(call.chat_id or "")
     if chat is None:
         return reject(400, "Not_Found", f"Chat {call.chat_id!r} does not exist.")
     if body.get("chat_id") not in (None, chat.id):
         return reject(400, "Bad_Request", "chat_id in the body does not match the query.")
-    if parent_id is not None and (not isinstance(parent_id, str) or parent_id not in chat.turns):
+    if parent_id is not None and (not isinstance(parent_id, str) or parent_id not in chat.nodes):
         return reject(400, "Bad_Request", f"The parent message {parent_id!r} does not exist.")
-    if parent_id is None and chat.turns:
-        # The real service would start a new branch; refusing makes a lost parent_id visible.
-        return reject(400, "Bad_Request", "parent_id is required after the first turn.")
-    if not call.message:
-        return reject(400, "Bad_Request", "messages must hold a user message with text.")
-    if FAIL_MARKER in call.message:
+    messages = [_stored_message(m) for m in call.messages]
+    if not messages or any(m is None for m in messages):
+        return reject(
+            400, "Bad_Request", "messages must be a non-empty list of messages with content."
+        )
+    if call.message is not None and FAIL_MARKER in call.message:
         return reject(500, "Internal_Error", "The model failed to respond (requested by [fail]).")
 
-    history = chat.history(call.parent_id)
-    reply = _compose_reply(chat.id, call.message, history)
-    turn = Turn(
-        parent_id=str(uuid.uuid4()),
-        message_id=str(uuid.uuid4()),
-        previous=call.parent_id,
-        user_message=call.message,
-        reply=reply,
-    )
+    # Every message becomes a node, chained under the previous one; the reply goes last.
+    under = call.parent_id
+    for message in messages:
+        assert message is not None  # checked above
+        node = Node(id=str(uuid.uuid4()), parent=under, message=message)
+        chat.nodes[node.id] = node
+        under = node.id
+    context = chat.messages(under)
+    last = context[-1]
+    if last.get("role") == "user" and TOOL_MARKER in _text_of(last.get("content")):
+        reply: dict[str, Any] = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [_tool_call(_text_of(last.get("content")))],
+        }
+    else:
+        reply = {"role": "assistant", "content": _compose_reply(chat.id, context)}
     # Stored before the reply goes out, as the real service does: once the stream has
     # announced the new parent_id, it is valid even if the stream then breaks.
-    chat.turns[turn.parent_id] = turn
-    call.new_parent_id = turn.parent_id
+    reply_node = Node(id=str(uuid.uuid4()), parent=under, message=reply)
+    chat.nodes[reply_node.id] = reply_node
+    call.new_parent_id = reply_node.id
+    message_id = str(uuid.uuid4())
 
-    input_tokens = sum(_count_tokens(t.user_message) + _count_tokens(t.reply) for t in history)
-    input_tokens += _count_tokens(call.message)
+    input_tokens = sum(_count_tokens(_text_of(m.get("content"))) for m in context)
+    output_tokens = _count_tokens(reply["content"]) + len(reply.get("tool_calls", ()))
     if not call.stream:
-        output_tokens = _count_tokens(reply)
         call.finished = True
+        choice_message = dict(reply)
+        if "tool_calls" in choice_message:
+            choice_message["content"] = None
         return web.json_response(
             {
                 "success": True,
                 "request_id": str(uuid.uuid4()),
                 "data": {
-                    "parent_id": turn.parent_id,
-                    "message_id": turn.message_id,
-                    "choices": [{"message": {"role": "assistant", "content": reply}}],
+                    "parent_id": reply_node.id,
+                    "message_id": message_id,
+                    "choices": [
+                        {
+                            "message": choice_message,
+                            "finish_reason": "tool_calls" if "tool_calls" in reply else "stop",
+                        }
+                    ],
                     "usage": {
                         "input_tokens": input_tokens,
                         "output_tokens": output_tokens,
@@ -342,7 +414,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     response = await _open_event_stream(request)
     try:
-        await _stream_turn(request, response, call, chat, turn, input_tokens)
+        await _stream_reply(
+            request, response, call, chat, (reply_node.id, message_id), reply, input_tokens
+        )
     except ConnectionResetError:
         # The client hung up and a write failed. Returning (not raising) keeps aiohttp from
         # logging a traceback for what is an everyday event.
@@ -355,43 +429,60 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _qwen_delta(
-    turn: Turn, content: str, status: str, input_tokens: int, output_tokens: int
+    message_id: str, delta: dict[str, Any], status: str, input_tokens: int, output_tokens: int
 ) -> dict[str, Any]:
-    """One streamed event: a content delta with the usage so far (cumulative, as Qwen sends)."""
-    delta = {"role": "assistant", "content": content, "phase": "answer", "status": status}
+    """One streamed event: a delta with the usage so far (cumulative, as Qwen sends)."""
     return {
-        "choices": [{"delta": delta}],
+        "choices": [{"delta": {"role": "assistant", **delta, "phase": "answer", "status": status}}],
         "usage": {
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,
             "total_tokens": input_tokens + output_tokens,
         },
-        "response_id": turn.message_id,
+        "response_id": message_id,
     }
 
 
-async def _stream_turn(
+async def _stream_reply(
     request: web.Request,
     response: web.StreamResponse,
     call: CompletionCall,
     chat: Chat,
-    turn: Turn,
+    ids: tuple[str, str],
+    reply: dict[str, Any],
     input_tokens: int,
 ) -> None:
-    created = {"chat_id": chat.id, "parent_id": turn.parent_id, "response_id": turn.message_id}
+    node_id, message_id = ids
+    created = {"chat_id": chat.id, "parent_id": node_id, "response_id": message_id}
     await _send_event(response, {"response.created": created})
-    delay = _delay_for(turn.user_message, request.app[SETTINGS])
+    user_text = call.message or ""
+    delay = _delay_for(user_text, request.app[SETTINGS])
+    deltas: list[dict[str, Any]] = []
+    for index, tool_call in enumerate(reply.get("tool_calls", ())):
+        # Arguments in two pieces, as real services split them.
+        arguments = tool_call["function"]["arguments"]
+        half = len(arguments) // 2
+        head = {**tool_call, "function": {**tool_call["function"], "arguments": arguments[:half]}}
+        deltas.append({"tool_calls": [{"index": index, **head}]})
+        deltas.append(
+            {"tool_calls": [{"index": index, "function": {"arguments": arguments[half:]}}]}
+        )
+    deltas.extend({"content": piece} for piece in _split_deltas(reply["content"]) if piece)
     output_tokens = 0
-    for index, piece in enumerate(_split_deltas(turn.reply)):
-        if FAIL_MID_MARKER in turn.user_message and index == DELTAS_BEFORE_FAILURE:
+    for index, delta in enumerate(deltas):
+        if FAIL_MID_MARKER in user_text and index == DELTAS_BEFORE_FAILURE:
             call.error = "stream dropped (requested by [fail-mid])"
             _drop_connection(request)
             return
         if delay:
             await asyncio.sleep(delay)
-        output_tokens += _count_tokens(piece)
-        await _send_event(response, _qwen_delta(turn, piece, "typing", input_tokens, output_tokens))
-    await _send_event(response, _qwen_delta(turn, "", "finished", input_tokens, output_tokens))
+        output_tokens += _count_tokens(delta.get("content", "")) + len(delta.get("tool_calls", ()))
+        await _send_event(
+            response, _qwen_delta(message_id, delta, "typing", input_tokens, output_tokens)
+        )
+    await _send_event(
+        response, _qwen_delta(message_id, {"content": ""}, "finished", input_tokens, output_tokens)
+    )
     await response.write_eof()
     call.finished = True
 

@@ -10,9 +10,12 @@ Two modes:
 
 ``stateful`` (the default without ``--upstream``)
     For an upstream that keeps the conversation itself, such as Qwen's web chat (see
-    ``fake_upstream.py``). Clients resend the whole history each turn; the proxy sends only
-    the new message with the ``parent_id`` stored in the session, and stores the next one
-    from the reply. A new session first creates an upstream chat and stores its ``chat_id``.
+    ``fake_upstream.py``). Clients resend the whole history each turn; ``get_turn(request)``
+    says which upstream chat and node that history continues (its lineage) and which
+    messages the upstream has not seen on that branch, and the proxy sends exactly those.
+    A history nothing is known of (a new conversation, an edited first message, a changed
+    system prompt) starts a new upstream chat with the whole history; so does one whose
+    chat the upstream has forgotten.
 
 ``openai`` (the default with ``--upstream``)
     Forwards each request as is to an OpenAI-compatible API (``--upstream`` is its base URL,
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -50,14 +52,17 @@ from multidict import CIMultiDict
 
 from aiohttp_session_store import (
     StoreConfig,
+    Turn,
     get_session,
     get_store,
+    get_turn,
     mark_upstream_error,
     set_upstream,
     setup,
 )
 from aiohttp_session_store.hashing import content_text
 from aiohttp_session_store.models import now_ms
+from aiohttp_session_store.sse import SSEParser
 
 __all__ = ("create_app", "main")
 
@@ -115,42 +120,8 @@ class UpstreamError(Exception):
         self.code = code
 
 
-@dataclass(slots=True)
-class _LockEntry:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
-class KeyedLocks:
-    """One asyncio.Lock per key, kept only while someone holds or waits for it.
-
-    Guards the creation of an upstream chat per session: two first turns of one
-    conversation arriving together must not create two chats. (Per process: several proxy
-    instances sharing one PostgreSQL store would need the lock in the database instead.)
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, _LockEntry] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        entry = self._entries.setdefault(key, _LockEntry())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._entries[key]
-
-
 UPSTREAM: Final = web.AppKey("proxy_upstream", Upstream)
 HTTP: Final = web.AppKey("proxy_http", aiohttp.ClientSession)
-CHAT_LOCKS: Final = web.AppKey("proxy_chat_locks", KeyedLocks)
 #: The in-process fake upstream's app, when the proxy started one (tests inspect it).
 FAKE_UPSTREAM: Final = web.AppKey("proxy_fake_upstream", web.Application)
 
@@ -260,19 +231,13 @@ async def upstream_failed(
 
 
 async def iter_sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """The ``data`` of each server-sent event, multi-line data joined with newlines."""
-    data: list[str] = []
-    async for raw in content:  # line by line
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        # event:, id:, retry: and comments carry nothing these upstreams use.
-    if data:
-        yield "\n".join(data)
+    """The ``data`` of each server-sent event (the package's parser: any chunking, WHATWG rules)."""
+    parser = SSEParser()
+    async for chunk in content.iter_any():
+        for event in parser.feed(chunk):
+            yield event.data
+    for event in parser.close():
+        yield event.data
 
 
 async def open_event_stream(request: web.Request) -> web.StreamResponse:
@@ -320,7 +285,28 @@ class Completion:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     content: list[str] = field(default_factory=list)
+    #: Tool calls of the reply, assembled by index (streamed ones arrive in pieces).
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] | None = None
+
+    def add_tool_call_delta(self, delta: dict[str, Any]) -> None:
+        index = delta.get("index", len(self.tool_calls))
+        while len(self.tool_calls) <= index:
+            self.tool_calls.append(
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+        call = self.tool_calls[index]
+        if isinstance(delta.get("id"), str):
+            call["id"] = delta["id"]
+        function = as_dict(delta.get("function"))
+        if isinstance(function.get("name"), str):
+            call["function"]["name"] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"] += function["arguments"]
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {
@@ -348,52 +334,66 @@ class Completion:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(self.content)},
-                    "finish_reason": "stop",
+                    "message": self.reply_message(),
+                    "finish_reason": self.finish_reason,
                 }
             ],
             "usage": self.openai_usage(),
         }
 
+    def reply_message(self) -> dict[str, Any]:
+        text = "".join(self.content)
+        if self.tool_calls:
+            return {"role": "assistant", "content": text or None, "tool_calls": self.tool_calls}
+        return {"role": "assistant", "content": text}
 
-async def ensure_upstream_chat(
-    request: web.Request, session_id: str, model: str
-) -> tuple[str, str | None]:
-    """The session's (chat_id, parent_id), creating the upstream chat on its first turn."""
-    manager = get_store(request).manager
-    async with request.app[CHAT_LOCKS].hold(session_id):
-        # Re-read inside the lock: a concurrent first turn may have created the chat while
-        # this one waited (the session snapshot taken before the handler cannot show that).
-        session = await manager.get_session(session_id)
-        if session is not None and session.chat_id is not None:
-            return session.chat_id, session.parent_id
-        upstream = request.app[UPSTREAM]
-        title = (session.first_user_message if session else "New Chat")[:50] or "New Chat"
-        async with request.app[HTTP].post(
-            upstream.endpoint("/api/v2/chats/new"),
-            json={
-                "title": title,
-                "models": [model],
-                "chat_mode": "normal",
-                "chat_type": "t2t",
-                "timestamp": int(time.time() * 1000),
-            },
-            headers=upstream_headers(request, upstream),
-        ) as resp:
-            await raise_for_upstream(request, resp)
-            reply = await resp.json(content_type=None)
-        chat_id = reply.get("data", {}).get("id") if isinstance(reply, dict) else None
-        if not isinstance(chat_id, str):
-            raise UpstreamError(502, f"upstream chat creation returned no chat id: {reply!r:.200}")
-        await manager.set_chat_id(session_id, chat_id)
-        log.info("session %s: new upstream chat %s", session_id, chat_id)
-        return chat_id, None
+
+async def new_upstream_chat(request: web.Request, model: str, title: str) -> str:
+    """Create an upstream chat; its id."""
+    upstream = request.app[UPSTREAM]
+    async with request.app[HTTP].post(
+        upstream.endpoint("/api/v2/chats/new"),
+        json={
+            "title": title[:50] or "New Chat",
+            "models": [model],
+            "chat_mode": "normal",
+            "chat_type": "t2t",
+            "timestamp": int(time.time() * 1000),
+        },
+        headers=upstream_headers(request, upstream),
+    ) as resp:
+        await raise_for_upstream(request, resp)
+        reply = await resp.json(content_type=None)
+    chat_id = reply.get("data", {}).get("id") if isinstance(reply, dict) else None
+    if not isinstance(chat_id, str):
+        raise UpstreamError(502, f"upstream chat creation returned no chat id: {reply!r:.200}")
+    return chat_id
+
+
+def upstream_message(message: Mapping[str, Any], parent_id: str | None) -> dict[str, Any]:
+    """One client message as the Qwen web chat takes it."""
+    out: dict[str, Any] = {
+        "role": message.get("role"),
+        "content": _text_of(message.get("content")),
+        "chat_type": "t2t",
+        "parent_id": parent_id,
+    }
+    if message.get("role") == "user":
+        out.update(user_action="chat", files=[])
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if message.get(key) is not None:
+            out[key] = message[key]
+    return out
 
 
 def qwen_request(
-    chat_id: str, parent_id: str | None, text: str, model: str, stream: bool
+    chat_id: str,
+    parent_id: str | None,
+    messages: Sequence[Mapping[str, Any]],
+    model: str,
+    stream: bool,
 ) -> dict[str, Any]:
-    """A Qwen web chat completion request: only the new message, attached to ``parent_id``."""
+    """A Qwen web chat request: the messages the chat has not seen, under ``parent_id``."""
     return {
         "stream": stream,
         "incremental_output": True,
@@ -401,32 +401,33 @@ def qwen_request(
         "chat_mode": "normal",
         "model": model,
         "parent_id": parent_id,
-        "messages": [
-            {
-                "role": "user",
-                "content": text,
-                "user_action": "chat",
-                "files": [],
-                "chat_type": "t2t",
-                "parent_id": parent_id,
-            }
-        ],
+        "messages": [upstream_message(m, parent_id) for m in messages],
         "timestamp": int(time.time()),
     }
 
 
 @dataclass(slots=True)
-class Turn:
-    """One turn of a session through the stateful upstream."""
+class Exchange:
+    """One call through the stateful upstream: where it continues, and the reply so far."""
 
-    session_id: str
-    parent_id: str | None  # the parent this turn was sent with
+    turn: Turn
+    chat_id: str
     completion: Completion
 
+    @property
+    def session_id(self) -> str | None:
+        return self.turn.session.id if self.turn.session is not None else None
+
     async def advance(self, request: web.Request, new_parent: str) -> None:
-        """Store the parent the next turn must be sent with (and count this turn)."""
-        await get_store(request).manager.update_parent_id(self.session_id, new_parent)
-        log.info("session %s: parent %s -> %s", self.session_id, self.parent_id, new_parent)
+        """Report the upstream node the reply became (the store records the lineage)."""
+        await self.turn.advance(chat_id=self.chat_id, node_id=new_parent)
+        log.info(
+            "chat %s: %d message(s) under %s -> reply %s",
+            self.chat_id,
+            len(self.turn.messages),
+            self.turn.parent_id,
+            new_parent,
+        )
 
 
 def as_dict(value: object) -> dict[str, Any]:
@@ -440,7 +441,7 @@ def first_choice(container: dict[str, Any]) -> dict[str, Any]:
 
 
 async def reply_json(
-    request: web.Request, resp: aiohttp.ClientResponse, turn: Turn
+    request: web.Request, resp: aiohttp.ClientResponse, turn: Exchange
 ) -> web.Response:
     """A non-streaming upstream reply as a ``chat.completion``."""
     reply = await resp.json(content_type=None)
@@ -450,9 +451,10 @@ async def reply_json(
     if not isinstance(new_parent, str):
         raise UpstreamError(502, f"upstream reply has no data.parent_id: {reply!r:.200}")
     await turn.advance(request, new_parent)
-    turn.completion.content.append(
-        _text_of(as_dict(first_choice(data).get("message")).get("content"))
-    )
+    message = as_dict(first_choice(data).get("message"))
+    turn.completion.content.append(_text_of(message.get("content")))
+    for index, call in enumerate(message.get("tool_calls") or ()):
+        turn.completion.add_tool_call_delta({"index": index, **as_dict(call)})
     turn.completion.usage = as_dict(data.get("usage"))
     return web.json_response(turn.completion.message())
 
@@ -460,7 +462,7 @@ async def reply_json(
 async def relay_stream(
     request: web.Request,
     resp: aiohttp.ClientResponse,
-    turn: Turn,
+    turn: Exchange,
     url: str,
     include_usage: bool,
 ) -> web.StreamResponse:
@@ -507,6 +509,11 @@ async def relay_stream(
             if isinstance(content, str) and content:
                 completion.content.append(content)
                 await send(usage_null(completion.chunk({"content": content})))
+            tool_calls = delta.get("tool_calls")
+            if isinstance(tool_calls, list) and tool_calls:
+                for call in tool_calls:
+                    completion.add_tool_call_delta(as_dict(call))
+                await send(usage_null(completion.chunk({"tool_calls": tool_calls})))
             if delta.get("status") == "finished" or data == "[DONE]":
                 finished = True
                 break
@@ -515,7 +522,7 @@ async def relay_stream(
             raise UpstreamError(502, "upstream stream carried no response.created parent_id")
         if not finished:
             raise UpstreamError(502, "upstream stream ended before the reply finished")
-        await send(usage_null(completion.chunk({}, "stop")))
+        await send(usage_null(completion.chunk({}, completion.finish_reason)))
         if include_usage:
             await send({**completion.chunk({}), "choices": [], "usage": completion.openai_usage()})
         assert response is not None  # send() opened it
@@ -536,39 +543,59 @@ async def relay_stream(
         return await upstream_failed(request, response, url, exc)
 
 
+def upstream_lost_it(exc: UpstreamError) -> bool:
+    """The upstream no longer knows the chat or node we continued (expired, reset)."""
+    if exc.status in (404, 410):
+        return True
+    message = exc.message.lower()
+    return exc.status == 400 and any(
+        phrase in message for phrase in ("does not exist", "not found", "no such", "unknown")
+    )
+
+
 async def stateful_completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    """Continue the session's upstream chat with the client's newest message."""
-    session = get_session(request)
-    if session is None:
+    """Continue the upstream chat this history continues, or start one with all of it."""
+    turn = get_turn(request)
+    if turn is None or get_session(request) is None:
         return openai_error(400, "'messages' must include a user message with text.")
-    text = last_user_text(body)
-    if not text:
-        return openai_error(400, "the last user message has no text.")
     model = str(body.get("model") or DEFAULT_MODEL)
     stream = body.get("stream") is True
     upstream = request.app[UPSTREAM]
     url = upstream.endpoint("/api/v2/chats/new")
     try:
-        if session.chat_id is None:
-            chat_id, parent_id = await ensure_upstream_chat(request, session.id, model)
-        else:
-            chat_id, parent_id = session.chat_id, session.parent_id
-        upstream_body = qwen_request(chat_id, parent_id, text, model, stream)
-        set_upstream(request, request_body=upstream_body)
-        url = upstream.endpoint("/api/v2/chat/completions")
-        async with request.app[HTTP].post(
-            url,
-            params={"chat_id": chat_id},
-            json=upstream_body,
-            headers=upstream_headers(request, upstream),
-        ) as resp:
-            await raise_for_upstream(request, resp)
-            turn = Turn(session.id, parent_id, Completion(model=model))
-            if not stream:
-                return await reply_json(request, resp, turn)
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            return await relay_stream(request, resp, turn, url, include_usage)
+        for attempt in range(2):
+            chat_id = turn.chat_id
+            if chat_id is None:
+                url = upstream.endpoint("/api/v2/chats/new")
+                title = (turn.session.first_user_message if turn.session else None) or "New Chat"
+                chat_id = await new_upstream_chat(request, model, title)
+                log.info("new upstream chat %s for %d message(s)", chat_id, len(turn.messages))
+            upstream_body = qwen_request(chat_id, turn.parent_id, turn.messages, model, stream)
+            set_upstream(request, request_body=upstream_body)
+            url = upstream.endpoint("/api/v2/chat/completions")
+            async with request.app[HTTP].post(
+                url,
+                params={"chat_id": chat_id},
+                json=upstream_body,
+                headers=upstream_headers(request, upstream),
+            ) as resp:
+                try:
+                    await raise_for_upstream(request, resp)
+                except UpstreamError as exc:
+                    if attempt == 0 and turn.chat_id is not None and upstream_lost_it(exc):
+                        # Start over with the whole history: the client's view of the
+                        # conversation is the truth, the upstream's memory of it is gone.
+                        log.info("upstream lost chat %s (%s); starting anew", chat_id, exc)
+                        turn.restart()
+                        continue
+                    raise
+                exchange = Exchange(turn, chat_id, Completion(model=model))
+                if not stream:
+                    return await reply_json(request, resp, exchange)
+                options = body.get("stream_options")
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                return await relay_stream(request, resp, exchange, url, include_usage)
+        raise AssertionError("unreachable: the second attempt returns or raises")
     except ConnectionResetError:
         raise  # the client went away (aiohttp's reset error is also a ClientError)
     except UpstreamError as exc:
@@ -731,7 +758,6 @@ def create_app(
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     app = web.Application()
     app[UPSTREAM] = Upstream(mode=resolved, url=upstream or "", api_key=upstream_key)
-    app[CHAT_LOCKS] = KeyedLocks()
     if upstream is None:
         fake = fake_upstream.create_app(api_key=upstream_key, delta_delay=0.05)
         app[FAKE_UPSTREAM] = fake

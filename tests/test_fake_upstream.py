@@ -152,15 +152,73 @@ async def test_unknown_parent_rejected(client: Client, stream: bool) -> None:
     assert (call.status, call.parent_id, call.new_parent_id) == (400, "no-such-parent", None)
 
 
-async def test_missing_parent_after_first_turn_rejected(client: Client) -> None:
+async def test_null_parent_starts_a_new_root_in_the_chat(client: Client) -> None:
+    # DESIGN: a null parent_id is a new root in that chat, whatever the chat holds already.
     chat_id = await new_chat(client)
     await turn(client, chat_id, None, "one")
+    node, reply = await turn(client, chat_id, None, "two")
+    assert reply.startswith(f'Turn 1 of chat {chat_id}: you said "two".')
+    context = fake_upstream.conversation(client.app, node)
+    assert [m["content"] for m in context] == ["two", reply]
+
+
+async def test_several_messages_become_a_chain(client: Client) -> None:
+    chat_id = await new_chat(client)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "an earlier answer"},
+        {"role": "user", "content": "two"},
+    ]
     resp = await client.post(
         f"/api/v2/chat/completions?chat_id={chat_id}",
-        json=completion_body(chat_id, None, "two", stream=False),
+        json={"stream": False, "parent_id": None, "messages": messages},
+    )
+    assert resp.status == 200, await resp.text()
+    data = (await resp.json())["data"]
+    reply = data["choices"][0]["message"]["content"]
+    assert reply == (
+        f'Turn 2 of chat {chat_id}: you said "two". Earlier you said: "one". '
+        'My instructions: "Be brief.".'
+    )
+    context = fake_upstream.conversation(client.app, data["parent_id"])
+    assert [(m["role"], m["content"]) for m in context] == [
+        *((m["role"], m["content"]) for m in messages),
+        ("assistant", reply),
+    ]
+
+
+async def test_tool_marker_gets_a_tool_call(client: Client) -> None:
+    chat_id = await new_chat(client)
+    resp = await client.post(
+        f"/api/v2/chat/completions?chat_id={chat_id}",
+        json=completion_body(chat_id, None, "weather in Paris [tool]", stream=False),
+    )
+    choice = (await resp.json())["data"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "lookup", "arguments": '{"query": "weather in Paris"}'}
+    resp = await client.post(
+        f"/api/v2/chat/completions?chat_id={chat_id}",
+        json=completion_body(chat_id, None, "weather in Paris [tool]", stream=True),
+    )
+    events = await read_events(resp)
+    arguments = "".join(
+        tc["function"].get("arguments", "")
+        for e in events[1:]
+        for tc in e["choices"][0]["delta"].get("tool_calls", ())
+    )
+    assert arguments == '{"query": "weather in Paris"}'
+
+
+async def test_unknown_message_role_rejected(client: Client) -> None:
+    chat_id = await new_chat(client)
+    resp = await client.post(
+        f"/api/v2/chat/completions?chat_id={chat_id}",
+        json={"stream": False, "parent_id": None, "messages": [{"role": "wizard", "content": "x"}]},
     )
     assert resp.status == 400
-    assert "parent_id is required" in (await resp.json())["data"]["details"]
+    assert client.app[fake_upstream.CHATS][chat_id].nodes == {}
 
 
 async def test_unknown_chat_rejected(client: Client) -> None:

@@ -352,11 +352,39 @@ async def test_scope_header_missing_is_the_empty_credential(
     assert (await ask(client, chat("hello"), "Bearer k"))["session_id"] != anonymous["session_id"]
 
 
-async def test_without_scope_header_same_words_share_a_session(
+async def test_credentials_scope_sessions_by_default(
     aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:
-    # The risk the option exists for (see README, Security): the id is the MD5 of the words.
+    # Two callers who open with the same words never share a session (DESIGN: scoped by
+    # default); a caller without a credential gets the plain MD5 of the words.
     client, _ = await start(aiohttp_client, tmp_path / "s.db", session_reply)
+    alice = await ask(client, chat("hello there"), "Bearer alice-key")
+    mallory = await ask(client, chat("hello there", "what did I ask?"), "Bearer mallory-key")
+    assert mallory["is_new"]
+    assert mallory["session_id"] != alice["session_id"]
+    assert alice["session_id"] == scoped_session_id("Bearer alice-key", "hello there")
+    again = await ask(client, chat("hello there", "more"), "Bearer alice-key")
+    assert again == {"session_id": alice["session_id"], "is_new": False}
+    anonymous = await ask(client, chat("hello there"), None)
+    assert anonymous["session_id"] == generate_session_id("hello there")
+
+
+async def test_other_credential_headers_scope_too(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    client, _ = await start(aiohttp_client, tmp_path / "s.db", session_reply)
+    ids = set()
+    for header in ("api-key", "x-api-key", "x-goog-api-key", "anthropic-api-key"):
+        async with client.post(PATH, json=chat("hi"), headers={header: "k-" + header}) as resp:
+            ids.add((await resp.json())["session_id"])
+    assert len(ids) == 4
+    assert generate_session_id("hi") not in ids
+
+
+async def test_scoping_can_be_turned_off(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    client, _ = await start(
+        aiohttp_client, tmp_path / "s.db", session_reply, scope_by_credential=False
+    )
     alice = await ask(client, chat("hello there"), "Bearer alice-key")
     mallory = await ask(client, chat("hello there", "what did I ask?"), "Bearer mallory-key")
     assert mallory == {"session_id": alice["session_id"], "is_new": False}
@@ -381,4 +409,6 @@ async def test_scope_header_keeps_upstream_chats_apart_in_the_example_proxy(
         ) as resp:
             assert resp.status == 200, await resp.text()
     chats = app[proxy_server.FAKE_UPSTREAM][fake_upstream.CHATS]
-    assert len(chats) == 2  # alice's two calls share one upstream chat, bob has his own
+    # Each opening is a conversation of its own (nothing known precedes it): three chats,
+    # and none of them holds another caller's words.
+    assert len(chats) == 3

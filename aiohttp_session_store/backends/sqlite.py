@@ -19,6 +19,7 @@ from ..migrations import METADATA_DDL, MIGRATIONS, SCHEMA_VERSION_KEY, Migration
 from ..models import (
     SESSION_ORDERS,
     Exchange,
+    LineageNode,
     Outcome,
     RequestQuery,
     RequestRecord,
@@ -799,6 +800,26 @@ class SQLiteBackend(Backend):
                 )
             if batch.responses:
                 await _run_rows(db, _INSERT_RESPONSE, [_response_args(r) for r in batch.responses])
+            if batch.nodes:
+                await db.executemany(
+                    "INSERT INTO lineage (hash, scope, session_id, chat_id, node_id, response_id,"
+                    " depth, parent_hash, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (hash) DO NOTHING",
+                    [
+                        (
+                            n.hash,
+                            n.scope,
+                            n.session_id,
+                            n.chat_id,
+                            n.node_id,
+                            n.response_id,
+                            n.depth,
+                            n.parent_hash,
+                            n.created_at,
+                        )
+                        for n in batch.nodes
+                    ],
+                )
 
     async def delete_records_before(self, cutoff: int, limit: int) -> int:
         if limit <= 0:
@@ -819,6 +840,24 @@ class SQLiteBackend(Backend):
                 "DELETE FROM requests WHERE request_id IN (SELECT value FROM json_each(?))",
                 (chosen,),
             )
+
+    # -- lineage (TEMPORARY: replaced by the shared SQL core) ---------------------------
+
+    async def get_lineage_nodes(self, hashes: Sequence[str]) -> list[LineageNode]:
+        rows = await self._read(
+            "SELECT hash, scope, session_id, chat_id, node_id, response_id, depth, parent_hash,"
+            " created_at FROM lineage WHERE hash IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(hashes)),),
+        )
+        return [LineageNode(*row) for row in rows]
+
+    async def list_lineage_nodes(self, session_id: str) -> list[LineageNode]:
+        rows = await self._read(
+            "SELECT hash, scope, session_id, chat_id, node_id, response_id, depth, parent_hash,"
+            " created_at FROM lineage WHERE session_id = ? ORDER BY created_at, rowid",
+            (session_id,),
+        )
+        return [LineageNode(*row) for row in rows]
 
     # -- queries -----------------------------------------------------------------------
 

@@ -1,0 +1,155 @@
+"""Conversation lineage: content-addressed chain hashes of a chat's messages (pure, no I/O).
+
+The identity of a point in a conversation is the hash of everything before it, scoped by
+the caller, as simonw/llm chains its conversations::
+
+    h0 = SHA-256("aiohttp_session_store/lineage/v1" NUL scope)
+    hk = SHA-256(h(k-1) || canonical(mk))          (digests chained as raw bytes)
+
+`canonical(m)` keeps what defines the conversation and drops what clients commonly drop
+or rewrite when they resend a history, so the history a client resends hashes the same
+as the exchange the store recorded:
+
+- kept: `role`; `name`; the text content (a string, or the `text` of its text parts
+  joined with "\\n"), with whitespace at both ends removed; tool calls as
+  (`id`, function `name`, `arguments`) in order; `tool_call_id`;
+- dropped: reasoning fields (`reasoning_content`, `reasoning`, `thinking`), `refusal`,
+  `annotations`, `audio`, nulls, empty strings and lists, and any key not listed above.
+
+The scope is the empty string for a caller without a credential, else a digest of the
+credential (see `scope_digest`), so two callers never share a node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from .hashing import content_text
+
+__all__ = (
+    "LINEAGE_VERSION",
+    "canonical",
+    "chain_hashes",
+    "extend",
+    "reply_message",
+    "root",
+    "scope_digest",
+)
+
+LINEAGE_VERSION: Final = "aiohttp_session_store/lineage/v1"
+
+_ROOT_PREFIX: Final = LINEAGE_VERSION.encode() + b"\x00"
+_dumps: Final = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, check_circular=False
+).encode
+
+
+def scope_digest(credential: str, key: bytes | None = None) -> str:
+    """The scope of a caller: SHA-256 of the credential (HMAC-SHA-256 under `key` if given).
+
+    The same digest keys derived session ids (see `hashing.scoped_session_id`), so the
+    credential itself is never stored. A secret `key` makes the digest of a low-entropy
+    credential useless to whoever reads the database.
+    """
+    raw = credential.encode("utf-8", "surrogatepass")
+    if key is not None:
+        return hmac.new(key, raw, hashlib.sha256).hexdigest()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _tool_calls(value: object) -> list[list[str]] | None:
+    if not isinstance(value, list):
+        return None
+    calls: list[list[str]] = []
+    for call in value:
+        if not isinstance(call, Mapping):
+            continue
+        function = call.get("function")
+        function = function if isinstance(function, Mapping) else {}
+        calls.append(
+            [
+                _str(call.get("id")),
+                _str(function.get("name")),
+                _str(function.get("arguments")),
+            ]
+        )
+    return calls or None
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def canonical(message: object) -> bytes | None:
+    """The bytes of `message` that its chain hash covers; None if it is not a message."""
+    if not isinstance(message, Mapping):
+        return None
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        return None
+    kept: dict[str, Any] = {"role": role}
+    name = message.get("name")
+    if isinstance(name, str) and name:
+        kept["name"] = name
+    text = content_text(message.get("content"))
+    if text:
+        text = text.strip()
+        if text:
+            kept["content"] = text
+    calls = _tool_calls(message.get("tool_calls"))
+    if calls:
+        kept["tool_calls"] = calls
+    call_id = message.get("tool_call_id")
+    if isinstance(call_id, str) and call_id:
+        kept["tool_call_id"] = call_id
+    return _dumps(kept).encode("utf-8", "surrogatepass")
+
+
+def root(scope: str) -> bytes:
+    """h0: the digest every chain of `scope` starts from."""
+    return hashlib.sha256(_ROOT_PREFIX + scope.encode("utf-8", "surrogatepass")).digest()
+
+
+def extend(previous: bytes, message: object) -> bytes | None:
+    """h(k) from h(k-1) and the k-th message; None if `message` is not a message."""
+    data = canonical(message)
+    if data is None:
+        return None
+    return hashlib.sha256(previous + data).digest()
+
+
+def chain_hashes(messages: Sequence[object], scope: str) -> list[bytes] | None:
+    """[h1, ..., hn] for `messages`; None when one of them is not a message."""
+    digest = root(scope)
+    chain: list[bytes] = []
+    for message in messages:
+        next_digest = extend(digest, message)
+        if next_digest is None:
+            return None
+        chain.append(next_digest)
+        digest = next_digest
+    return chain
+
+
+def reply_message(reply: object) -> dict[str, Any] | None:
+    """The assistant message of a `chat.completion` object (choice 0), as a client resends it."""
+    if not isinstance(reply, Mapping):
+        return None
+    choices = reply.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return None
+    first = choices[0]
+    if not isinstance(first, Mapping):
+        return None
+    message = first.get("message")
+    if not isinstance(message, Mapping):
+        return None
+    out: dict[str, Any] = {"role": message.get("role") or "assistant"}
+    for key in ("content", "tool_calls", "name"):
+        if message.get(key) is not None:
+            out[key] = message[key]
+    return out
