@@ -375,7 +375,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "tool_calls": [_tool_call(_text_of(last.get("content")))],
         }
     else:
-        reply = {"role": "assistant", "content": _compose_reply(chat.id, context)}
+        text = _compose_reply(chat.id, context)
+        # A model answers a repeated question differently: say which attempt this is.
+        twins = [
+            n
+            for n in chat.nodes.values()
+            if n.parent == chat.nodes[under].parent and n.message == last
+        ]
+        if len(twins) > 1:
+            text += f" (take {len(twins)})"
+        reply = {"role": "assistant", "content": text}
     # Stored before the reply goes out, as the real service does: once the stream has
     # announced the new parent_id, it is valid even if the stream then breaks.
     reply_node = Node(id=str(uuid.uuid4()), parent=under, message=reply)

@@ -1,0 +1,252 @@
+"""Lineage hashing (pure) and the index: canonical forms, chains, resolving a turn."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from aiohttp_session_store import SessionManager, StoreConfig, get_store
+from aiohttp_session_store.lineage import (
+    canonical,
+    chain_hashes,
+    extend,
+    reply_message,
+    root,
+    scope_digest,
+)
+from aiohttp_session_store.models import LineageNode
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = str(ROOT / "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
+import fake_upstream  # noqa: E402
+import proxy_server  # noqa: E402
+
+# --------------------------------------------------------------------------- canonical
+
+
+def test_canonical_ignores_what_clients_drop_or_rewrite() -> None:
+    sent = {
+        "role": "assistant",
+        "content": "  Hello there.\n",
+        "reasoning_content": "thinking...",
+        "refusal": None,
+        "audio": None,
+        "annotations": [],
+        "function_call": None,
+        "unknown": 1,
+    }
+    assert canonical(sent) == canonical({"role": "assistant", "content": "Hello there."})
+
+
+def test_canonical_text_parts_equal_a_string() -> None:
+    parts = {
+        "role": "user",
+        "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+    }
+    assert canonical(parts) == canonical({"role": "user", "content": "a\nb"})
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({"role": "user", "content": "x"}, {"role": "system", "content": "x"}),
+        ({"role": "user", "content": "x"}, {"role": "user", "content": "y"}),
+        ({"role": "user", "content": "x"}, {"role": "user", "content": "x", "name": "bob"}),
+        (
+            {"role": "tool", "content": "x", "tool_call_id": "1"},
+            {"role": "tool", "content": "x", "tool_call_id": "2"},
+        ),
+        (
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "1", "function": {"name": "g", "arguments": "{}"}}],
+            },
+        ),
+    ],
+)
+def test_canonical_keeps_what_defines_the_conversation(
+    a: dict[str, Any], b: dict[str, Any]
+) -> None:
+    assert canonical(a) != canonical(b)
+
+
+def test_tool_calls_canonical_ignores_type_and_nulls() -> None:
+    call = {"id": "c1", "function": {"name": "f", "arguments": '{"q": 1}'}}
+    assert canonical({"role": "assistant", "content": None, "tool_calls": [call]}) == canonical(
+        {"role": "assistant", "content": "", "tool_calls": [{**call, "type": "function"}]}
+    )
+
+
+def test_not_a_message() -> None:
+    assert canonical("hi") is None
+    assert canonical({"content": "no role"}) is None
+    assert chain_hashes([{"role": "user", "content": "a"}, 3], "") is None
+
+
+# --------------------------------------------------------------------------- chains
+
+
+def test_chain_is_a_prefix_chain() -> None:
+    messages = [{"role": "user", "content": str(i)} for i in range(4)]
+    chain = chain_hashes(messages, "")
+    assert chain is not None
+    assert len(chain) == 4
+    assert chain_hashes(messages[:2], "") == chain[:2]
+    assert extend(chain[2], messages[3]) == chain[3]
+    assert extend(root(""), messages[0]) == chain[0]
+
+
+def test_scope_separates_chains() -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    alice = chain_hashes(messages, scope_digest("Bearer alice"))
+    bob = chain_hashes(messages, scope_digest("Bearer bob"))
+    anonymous = chain_hashes(messages, "")
+    assert alice != bob != anonymous != alice
+
+
+def test_scope_digest_is_keyed_when_asked() -> None:
+    assert scope_digest("k") != scope_digest("k", b"secret")
+    assert scope_digest("k", b"secret") == scope_digest("k", b"secret")
+    assert "k" not in scope_digest("k")
+
+
+def test_reply_message_of_a_completion() -> None:
+    completion = {"choices": [{"message": {"role": "assistant", "content": "x", "refusal": None}}]}
+    assert reply_message(completion) == {"role": "assistant", "content": "x"}
+    assert reply_message({"choices": []}) is None
+    assert reply_message([]) is None
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def node(key: str, depth: int) -> LineageNode:
+    return LineageNode(
+        hash=key,
+        scope="",
+        session_id="s",
+        chat_id="c",
+        node_id=f"n-{key}",
+        response_id=None,
+        depth=depth,
+        parent_hash=None,
+        created_at=1,
+    )
+
+
+async def test_warm_cache_answers_without_a_query(tmp_path: Path) -> None:
+    async with SessionManager(tmp_path / "s.db") as manager:
+        index = manager.lineage
+        index.record(node("a", 2))
+        index.record(node("b", 4))
+        assert await index.find(["a", "b"]) == node("b", 4)
+        assert index.queries == 0
+
+
+async def test_cold_cache_costs_one_query(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with SessionManager(db) as manager:
+        manager.lineage.record(node("a", 2))
+        manager.lineage.record(node("b", 4))
+    async with SessionManager(db) as manager:
+        index = manager.lineage
+        assert await index.find(["a", "b", "c"]) == node("b", 4)
+        assert index.queries == 1
+        assert await index.find(["a", "b"]) == node("b", 4)  # now warm
+        assert index.queries == 1
+
+
+async def test_cache_is_bounded_in_bytes(tmp_path: Path) -> None:
+    config = StoreConfig(lineage_cache_bytes=20_000)
+    async with SessionManager(tmp_path / "s.db", config=config) as manager:
+        for i in range(1_000):
+            manager.lineage.record(node(f"{i:064x}", 2))
+        assert manager.lineage.cached_bytes <= 20_000
+        assert 0 < len(manager.lineage) < 1_000
+        await manager.writer.flush()
+        # Forgotten from memory, not from the store.
+        assert await manager.lineage.find([f"{0:064x}"]) == node(f"{0:064x}", 2)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+async def proxy(aiohttp_server: AiohttpServer, tmp_path: Path) -> tuple[TestServer, TestServer]:
+    upstream = await aiohttp_server(fake_upstream.create_app())
+    app = proxy_server.create_app(
+        db=tmp_path / "s.db",
+        upstream=str(upstream.make_url("")).rstrip("/"),
+        mode="stateful",
+        config=StoreConfig(flush_interval=0.01),
+    )
+    return upstream, await aiohttp_server(app)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("text", ["Hello world", "What is the weather? [tool]"])
+async def test_openai_clients_resent_history_hashes_as_recorded(
+    proxy: tuple[TestServer, TestServer], stream: bool, text: str
+) -> None:
+    upstream, server = proxy
+    client = openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key="alice", max_retries=0
+    )
+    messages: list[Any] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": text},
+    ]
+    async with client:
+        if stream:
+            pieces: list[str] = []
+            calls: dict[int, dict[str, Any]] = {}
+            async for chunk in await client.chat.completions.create(
+                model="qwen-fake", messages=messages, stream=True
+            ):
+                for choice in chunk.choices:
+                    pieces.append(choice.delta.content or "")
+                    for tc in choice.delta.tool_calls or ():
+                        call = calls.setdefault(
+                            tc.index,
+                            {
+                                "id": "",
+                                "type": "function",
+                                "function": {"name": "", "arguments": ""},
+                            },
+                        )
+                        call["id"] = tc.id or call["id"]
+                        if tc.function is not None:
+                            call["function"]["name"] += tc.function.name or ""
+                            call["function"]["arguments"] += tc.function.arguments or ""
+            reply: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+            if calls:
+                reply["tool_calls"] = [calls[i] for i in sorted(calls)]
+        else:
+            completion = await client.chat.completions.create(model="qwen-fake", messages=messages)
+            # What a client appends to its history: the message as the library parsed it.
+            reply = completion.choices[0].message.model_dump()
+    assert bool(reply.get("tool_calls")) == ("[tool]" in text)
+    store = get_store(server.app)
+    await store.flush()
+    with sqlite3.connect(store.manager.backend.path) as db:  # type: ignore[attr-defined]
+        ((stored_hash, node_id, depth),) = db.execute(
+            "SELECT hash, node_id, depth FROM lineage"
+        ).fetchall()
+    chain = chain_hashes([*messages, reply], scope_digest("Bearer alice"))
+    assert chain is not None
+    assert stored_hash == chain[-1].hex()
+    assert (node_id, depth) == (upstream.app[fake_upstream.CALLS][-1].new_parent_id, 3)
