@@ -380,7 +380,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         twins = [
             n
             for n in chat.nodes.values()
-            if n.parent == chat.nodes[under].parent and n.message == last
+            if under is not None and n.parent == chat.nodes[under].parent and n.message == last
         ]
         if len(twins) > 1:
             text += f" (take {len(twins)})"

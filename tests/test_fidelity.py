@@ -422,3 +422,83 @@ async def test_tool_call_turns(start_proxy: ProxyFactory, stream: bool) -> None:
     chat.messages.append(answer)
     assert len(proxy.upstream_app[fake_upstream.CALLS][-1].messages) == 1  # just the result
     await chat.say("Thanks!")
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_racing_regenerates_leave_a_consistent_tree(
+    aiohttp_server: AiohttpServer,
+    upstream: TestServer,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    if backend == "postgres":
+        from conftest import PG_DSN
+
+        schema = request.getfixturevalue("pg_schema")
+        database = f"{PG_DSN}?search_path={schema}"
+        instances = 2  # two proxies sharing one store, as behind a load balancer
+    else:
+        database = str(tmp_path / "sessions.db")
+        instances = 1
+    proxies: list[ProxyHandle] = []
+    for _ in range(instances):
+        app = proxy_server.create_app(
+            db=database,
+            upstream=str(upstream.make_url("")).rstrip("/"),
+            mode="stateful",
+            config=StoreConfig(flush_interval=0.01),
+        )
+        server = await aiohttp_server(app)
+        proxies.append(ProxyHandle(upstream, str(server.make_url("")).rstrip("/"), app))
+    base = Conversation(proxies[0], "alice", False)
+    await base.say("hi")
+    await base.say("Tell me a joke.")
+    for proxy in proxies:
+        assert proxy.app is not None
+        await get_store(proxy.app).flush()
+
+    racers = [
+        Conversation(proxies[i % instances], "alice", bool(i % 2), list(base.messages[:-1]))
+        for i in range(6)
+    ]
+
+    async def regenerate_and_go_on(index: int, chat: Conversation) -> None:
+        # Not `say()`: its check reads the upstream's latest call, which a racer may own.
+        chat.messages.append(await chat.proxy.ask(chat.messages, key="alice", stream=chat.stream))
+        chat.messages.append({"role": "user", "content": f"Another one, #{index}."})
+        chat.messages.append(await chat.proxy.ask(chat.messages, key="alice", stream=chat.stream))
+
+    await asyncio.gather(*(regenerate_and_go_on(i, c) for i, c in enumerate(racers)))
+    for chat in racers:
+        upstream_calls = upstream.app[fake_upstream.CALLS]
+        # Each racer's last reply is in the upstream, in the context the racer believes.
+        last = chat.messages[-1]["content"]
+        (call,) = [
+            c
+            for c in upstream_calls
+            if c.new_parent_id
+            and fake_upstream.conversation(upstream.app, c.new_parent_id)[-1]["content"] == last
+        ]
+        assert call.new_parent_id is not None
+        chain = fake_upstream.conversation(upstream.app, call.new_parent_id)
+        assert [canonical(m) for m in chain] == [canonical(m) for m in chat.messages]
+
+    for proxy in proxies:
+        assert proxy.app is not None
+        await get_store(proxy.app).flush()
+    manager = get_store(proxies[0].app).manager  # type: ignore[arg-type]
+    (session_id,) = {s for s, _ in await manager.get_all_sessions()}
+    nodes = await manager.backend.list_lineage_nodes(session_id)
+    hashes = [n.hash for n in nodes]
+    assert len(hashes) == len(set(hashes))  # no duplicate row
+    # No lost node: the two base turns, and two per racer (identical replies share one).
+    distinct_replies = {c.messages[-3]["content"] for c in racers}
+    assert len(nodes) == 2 + len(distinct_replies) + len(racers)
+    known = set(hashes)
+    assert all(n.parent_hash is None or n.parent_hash in known for n in nodes)

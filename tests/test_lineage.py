@@ -35,7 +35,7 @@ import proxy_server  # noqa: E402
 
 
 def test_canonical_ignores_what_clients_drop_or_rewrite() -> None:
-    sent = {
+    sent: dict[str, Any] = {
         "role": "assistant",
         "content": "  Hello there.\n",
         "reasoning_content": "thinking...",

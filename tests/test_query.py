@@ -24,13 +24,13 @@ from aiohttp_session_store import (
     SessionStore,
     StoreConfig,
     StoreError,
-    generate_session_id,
     get_session,
     get_store,
     mark_upstream_error,
     setup,
 )
 from aiohttp_session_store.backends.base import Backend
+from aiohttp_session_store.hashing import scoped_session_id
 from aiohttp_session_store.models import RequestQuery
 from aiohttp_session_store.query import create_query_app, exchange_json, reply_text
 
@@ -52,10 +52,11 @@ USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 class Filled:
     """What `converse` recorded: 7 calls in 4 sessions (plus one call without a session)."""
 
-    hello: str = generate_session_id(HELLO)
-    story: str = generate_session_id(STORY)
-    fail: str = generate_session_id("fail upstream")
-    crash: str = generate_session_id("crash")
+    # The calls carry a credential, so their ids are scoped by it (DESIGN: the default).
+    hello: str = scoped_session_id("Bearer sk-secret", HELLO)
+    story: str = scoped_session_id("Bearer sk-secret", STORY)
+    fail: str = scoped_session_id("Bearer sk-secret", "fail upstream")
+    crash: str = scoped_session_id("Bearer sk-secret", "crash")
     requests: int = 7
     sessions: int = 4
 
