@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import pytest
+from proxy_apps import FakeClock
 
 from aiohttp_session_store import InvalidSessionIdError, SessionManager, StoreConfig
 from aiohttp_session_store.backends.base import Backend
-
-
-@dataclass
-class FakeClock:
-    """An injected clock (integer ms) so expiry is tested without sleeping."""
-
-    now: int = 1_700_000_000_000
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += round(seconds * 1000)
-
 
 TIMEOUT = 60.0
 
