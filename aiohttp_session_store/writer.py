@@ -5,9 +5,12 @@ awaits a database write; the writer commits whatever has accumulated in one tran
 (group commit). `flush()` waits until everything handed over before the call is committed,
 which is how `durability="sync"` and shutdown get their guarantee.
 
-When storage fails the batch is retried with backoff while new items keep queueing up to
-`max_pending`; past that new records are dropped and counted, so a broken disk can neither
-take the proxy down nor exhaust its memory. The error is logged once per burst.
+A batch carries at most `max_batch_bytes` of records, taken in the order they were handed
+over, and lingers only until its oldest item is half a `flush_interval` old, so a commit
+never waits behind a large one. When storage fails the batch is retried with backoff while
+new items keep queueing up to `max_pending` records and `max_pending_bytes`; past either
+new records are dropped and counted, so a broken disk can neither take the proxy down nor
+exhaust its memory. The error is logged once per burst.
 """
 
 from __future__ import annotations
