@@ -104,6 +104,12 @@ class LineageIndex:
                 return node
         return best
 
+    def forget_before(self, cutoff: int) -> None:
+        """Drop cached nodes created before `cutoff` (retention swept them from the store)."""
+        for key in [k for k, (n, _) in self._cache.items() if n.created_at < cutoff]:
+            _, size = self._cache.pop(key)
+            self._bytes -= size
+
     def record(self, node: LineageNode) -> None:
         """Remember `node` and hand it to the writer (committed with the call's records)."""
         if self.cached(node.hash) is not None:

@@ -1,12 +1,9 @@
-"""SessionManager: the origin proxy's 18-method session API, on a pluggable backend.
+"""SessionManager: the 18-method session API of the Node.js proxy it replaces.
 
-With an embedded backend (SQLite: one process owns the file) sessions are served from a
-bounded in-memory cache and written behind through the record writer, so resolving and
-advancing a session costs microseconds and never awaits a write in batched durability.
-A session's reads still see its own writes at once: the cache, then the writer's queue,
-are consulted before the database. With a shared backend (PostgreSQL: several proxy
-instances) every call goes to the database, whose atomic statements keep instances
-consistent (`message_count + 1` in SQL, `INSERT ... ON CONFLICT` creation).
+The manager checks arguments, keeps the counters, the writer, the sweeper and the
+lifecycle; how sessions are stored is one strategy chosen at construction from the
+backend (see `strategies`): write-behind for a store one process owns, direct atomic
+SQL for a shared one.
 """
 
 from __future__ import annotations
@@ -15,21 +12,22 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
 from types import TracebackType
 from typing import Final
 
 from .backends import backend_from_url
 from .backends.base import Backend
-from .config import Durability, StoreConfig
+from .config import StoreConfig
 from .errors import InvalidSessionIdError, StoreWriteError
 from .hashing import generate_session_id
 from .lineage_index import LineageIndex
-from .models import Session, SessionQuery, now_ms
+from .models import Session, SessionQuery
+from .session_cache import SessionCache, cut_text
+from .strategies import Counters, DirectStrategy, SessionStrategy, WriteBehindStrategy
+from .sweeper import Sweeper
 from .turn import CURRENT_TURN, Turn, note_chat, note_reply
-from .writer import DELETED, RecordWriter
+from .writer import RecordWriter
 
 __all__ = ("CURRENT_TURN", "SessionManager", "Turn")
 
@@ -42,15 +40,6 @@ def _note_turn(session_id: str, parent_id: str | None) -> None:
     note_reply(session_id, parent_id)
 
 
-class _Same:
-    """`_fresh`'s default for a field the caller leaves as it was (None is a value)."""
-
-    __slots__ = ()
-
-
-_SAME: Final = _Same()
-
-
 def _check_id(session_id: object) -> str:
     if not isinstance(session_id, str) or not session_id:
         raise InvalidSessionIdError("a session id must be a non-empty string")
@@ -60,39 +49,82 @@ def _check_id(session_id: object) -> str:
 class SessionManager:
     """Creates, resolves, advances and expires conversation sessions."""
 
+    #: Longest a call waits for a sync-durability commit while storage is failing; past it
+    #: the call goes on (the writer keeps retrying and counts what it drops).
+    sync_commit_timeout: float = 5.0
+
     def __init__(
         self,
         database: str | os.PathLike[str] | Backend,
         *,
         config: StoreConfig | None = None,
-        clock: Clock = now_ms,
-        cache_size: int = 100_000,
+        clock: Clock | None = None,
+        cache_size: int | None = None,
     ) -> None:
         self.config = config or StoreConfig()
         self.backend = backend_from_url(database)
-        self._clock = clock
-        self._timeout_ms = round(self.config.session_timeout * 1000)
-        self._durability: Durability = self.config.durability
-        self._cache: OrderedDict[str, Session] = OrderedDict()
-        self._cache_size = cache_size
+        cfg = self.config
+        # An explicit clock= wins over the config's (kept for callers from before it had one).
+        self._clock: Clock = clock if clock is not None else cfg.clock
         self.writer = RecordWriter(
             self.backend,
-            flush_interval=self.config.flush_interval,
-            max_pending=self.config.max_pending_records,
+            flush_interval=cfg.flush_interval,
+            max_pending=cfg.max_pending_records,
+            max_pending_bytes=cfg.max_pending_bytes,
+            max_batch_bytes=cfg.max_batch_bytes,
+            close_timeout=cfg.shutdown_timeout,
         )
         #: Which upstream node a resent history continues (see `lineage`).
-        self.lineage = LineageIndex(
-            self.backend, self.writer, max_bytes=self.config.lineage_cache_bytes
-        )
-        self._cleanup_task: asyncio.Task[None] | None = None
+        self.lineage = LineageIndex(self.backend, self.writer, max_bytes=cfg.lineage_cache_bytes)
+        self.sweeper = Sweeper(self.sweep, cfg.sweep_interval)
+        self._counters = Counters()
+        timeout_ms = round(cfg.session_timeout * 1000)
+        self._strategy: SessionStrategy
+        if self.backend.shared:
+            self._strategy = DirectStrategy(self.backend, self._clock, timeout_ms, self._counters)
+        else:
+            self._strategy = WriteBehindStrategy(
+                self.backend,
+                self._clock,
+                timeout_ms,
+                self._counters,
+                writer=self.writer,
+                cache=SessionCache(
+                    max_entries=cfg.max_cached_sessions if cache_size is None else cache_size,
+                    max_bytes=cfg.max_cache_bytes,
+                ),
+                commit=self.commit_bounded,
+                sync=cfg.durability == "sync",
+            )
         self._opened = False
         self._commit_late = False
-        self.total_created = 0
-        self.total_cleaned = 0
         self.records_purged = 0
-        self.sweep_errors = 0
+        self.lineage_purged = 0
 
-    # -- lifecycle (beyond the origin API) ---------------------------------------------
+    @property
+    def strategy(self) -> SessionStrategy:
+        """How this manager stores sessions (chosen from the backend at construction)."""
+        return self._strategy
+
+    @property
+    def cache(self) -> SessionCache | None:
+        """The session cache of a write-behind store; None for a shared store."""
+        strategy = self._strategy
+        return strategy.cache if isinstance(strategy, WriteBehindStrategy) else None
+
+    @property
+    def total_created(self) -> int:
+        return self._counters.total_created
+
+    @property
+    def total_cleaned(self) -> int:
+        return self._counters.total_cleaned
+
+    @property
+    def sweep_errors(self) -> int:
+        return self.sweeper.errors
+
+    # -- lifecycle (beyond the 18 methods) ---------------------------------------------
 
     async def open(self) -> SessionManager:
         """Open the backend (migrating it) and start the writer. Idempotent."""
@@ -113,54 +145,6 @@ class SessionManager:
     ) -> None:
         await self.shutdown()
 
-    @property
-    def _cached(self) -> bool:
-        return not self.backend.shared
-
-    # -- cache plumbing ------------------------------------------------------------------
-
-    def _remember(self, session: Session) -> None:
-        cache = self._cache
-        cache[session.id] = session
-        cache.move_to_end(session.id)
-        if len(cache) > self._cache_size:
-            # Safe to forget: an uncommitted snapshot is still found in the writer's queue.
-            cache.popitem(last=False)
-
-    def _known(self, session_id: str) -> tuple[bool, Session | None]:
-        """(True, state) when memory knows the newest state (None: deleted), else (False, None)."""
-        cached = self._cache.get(session_id)
-        if cached is not None:
-            return True, cached
-        pending = self.writer.lookup(session_id)
-        if pending is DELETED:
-            return True, None
-        if isinstance(pending, Session):
-            return True, pending
-        return False, None
-
-    async def _load(self, session_id: str) -> Session | None:
-        known, session = self._known(session_id)
-        if known:
-            return session
-        stored = await self.backend.get_session(session_id)
-        # Another coroutine may have created or changed the session while we awaited:
-        # memory is then newer than what the database returned.
-        known, session = self._known(session_id)
-        if known:
-            return session
-        if stored is not None:
-            self._remember(stored)
-        return stored
-
-    def _forget(self, session_id: str) -> None:
-        self._cache.pop(session_id, None)
-        self.writer.delete_session(session_id)
-
-    #: Longest a call waits for a sync-durability commit while storage is failing; past it
-    #: the call goes on (the writer keeps retrying and counts what it drops).
-    sync_commit_timeout: float = 5.0
-
     async def commit_bounded(self) -> bool:
         """Wait until what was queued is committed, at most `sync_commit_timeout`."""
         try:
@@ -174,31 +158,10 @@ class SessionManager:
         self._commit_late = False
         return True
 
-    async def _commit(self) -> None:
-        if self._durability == "sync":
-            await self.commit_bounded()
-
-    def _fresh(
-        self,
-        session: Session,
-        now: int,
-        *,
-        parent_id: str | _Same | None = _SAME,
-        message_count: int | None = None,
-    ) -> Session:
-        # Built field by field: dataclasses.replace() costs twice as much, and this runs on
-        # every request (the slide in get_session, the turn in update_session).
-        return Session(
-            id=session.id,
-            chat_id=session.chat_id,
-            parent_id=session.parent_id if isinstance(parent_id, _Same) else parent_id,
-            first_user_message=session.first_user_message,
-            message_count=session.message_count if message_count is None else message_count,
-            created_at=session.created_at,
-            last_accessed=now,
-            expires_at=now + self._timeout_ms,
-            is_new=False,
-        )
+    def _first(self, first_user_message: str | None) -> str:
+        # Held in memory for the session's lifetime: bounded in bytes. The id was derived
+        # from the whole text before it got here; this is only the key's preimage.
+        return cut_text(first_user_message or "", self.config.max_first_message_bytes)
 
     # -- the 18 methods --------------------------------------------------------------------
 
@@ -215,33 +178,7 @@ class SessionManager:
     ) -> Session:
         """A new session (`is_new` True); an existing live id is returned as it is."""
         _check_id(session_id)
-        now = self._clock()
-        new = Session(
-            id=session_id,
-            chat_id=chat_id,
-            parent_id=None,
-            first_user_message=first_user_message or "",
-            message_count=0,
-            created_at=now,
-            last_accessed=now,
-            expires_at=now + self._timeout_ms,
-            is_new=True,
-        )
-        if not self._cached:
-            stored = await self.backend.insert_session(new)
-            if stored.is_new:
-                self.total_created += 1
-            return stored
-        existing = await self._load(session_id)
-        if existing is not None:
-            if not existing.is_expired(self._clock()):
-                return replace(existing, is_new=False)
-            self.total_cleaned += 1  # an expired row, replaced by the new session
-        self._remember(new)
-        self.writer.put_session(new)
-        self.total_created += 1
-        await self._commit()
-        return new
+        return await self._strategy.create(session_id, chat_id, self._first(first_user_message))
 
     async def resolve_session(
         self, session_id: str, first_user_message: str | None = None
@@ -252,92 +189,20 @@ class SessionManager:
         once, not twice, and no await separates the read from the create.
         """
         _check_id(session_id)
-        if not self._cached:
-            live = await self.get_session(session_id)
-            if live is not None:
-                return live
-            return await self.create_session(session_id, first_user_message=first_user_message)
-        session = await self._load(session_id)
-        now = self._clock()
-        if session is not None and not session.is_expired(now):
-            slid = self._fresh(session, now)
-            self._remember(slid)
-            self.writer.put_session(slid)
-            await self._commit()
-            return slid
-        if session is not None:
-            self.total_cleaned += 1  # an expired row, replaced by the new session
-        new = Session(
-            id=session_id,
-            chat_id=None,
-            parent_id=None,
-            first_user_message=first_user_message or "",
-            message_count=0,
-            created_at=now,
-            last_accessed=now,
-            expires_at=now + self._timeout_ms,
-            is_new=True,
-        )
-        self._remember(new)
-        self.writer.put_session(new)
-        self.total_created += 1
-        await self._commit()
-        return new
+        return await self._strategy.resolve(session_id, self._first(first_user_message))
 
     async def get_session(self, session_id: str) -> Session | None:
         """The live session, its expiry slid; None (and the row deleted) if expired."""
         _check_id(session_id)
-        if not self._cached:
-            now = self._clock()
-            touched = await self.backend.touch_session(
-                session_id, now=now, expires_at=now + self._timeout_ms
-            )
-            if touched is None:
-                # Missing or expired; an expired row goes now (lazy deletion), but only if
-                # it is still expired: another instance may have just revived it.
-                if await self.backend.delete_session_if_expired(session_id, now):
-                    self.total_cleaned += 1
-                return None
-            return touched
-        session = await self._load(session_id)
-        if session is None:
-            return None
-        now = self._clock()
-        if session.is_expired(now):
-            self._forget(session_id)
-            self.total_cleaned += 1
-            await self._commit()
-            return None
-        slid = self._fresh(session, now)
-        self._remember(slid)
-        self.writer.put_session(slid)
-        await self._commit()
-        return slid
+        return await self._strategy.get(session_id)
 
     async def update_session(self, session_id: str, parent_id: str | None) -> bool:
         """Set the parent of the next turn and count the turn; False if missing/expired."""
         _check_id(session_id)
-        now = self._clock()
-        if not self._cached:
-            advanced = await self.backend.advance_session(
-                session_id, parent_id, now=now, expires_at=now + self._timeout_ms
-            )
-            if advanced is None:
-                return False
-            _note_turn(session_id, parent_id)
-            return True
-        session = await self._load(session_id)
-        # No await between this read and the write below: the increment cannot be lost.
-        now = self._clock()
-        if session is None or session.is_expired(now):
+        if not await self._strategy.advance(session_id, parent_id):
             return False
-        updated = self._fresh(
-            session, now, parent_id=parent_id, message_count=session.message_count + 1
-        )
-        self._remember(updated)
-        self.writer.put_session(updated)
         _note_turn(session_id, parent_id)
-        await self._commit()
+        await self._strategy.after_advance()
         return True
 
     async def update_parent_id(self, session_id: str, parent_id: str | None) -> bool:
@@ -347,29 +212,12 @@ class SessionManager:
     async def set_chat_id(self, session_id: str, chat_id: str | None) -> bool:
         _check_id(session_id)
         note_chat(session_id, chat_id)
-        now = self._clock()
-        if not self._cached:
-            return await self.backend.set_chat_id(session_id, chat_id, now=now)
-        session = await self._load(session_id)
-        now = self._clock()
-        if session is None or session.is_expired(now):
-            return False
-        updated = replace(session, chat_id=chat_id, last_accessed=now, is_new=False)
-        self._remember(updated)
-        self.writer.put_session(updated)
-        await self._commit()
-        return True
+        return await self._strategy.set_chat_id(session_id, chat_id)
 
     async def delete_session(self, session_id: str) -> bool:
         """Delete the session row; its request/response records stay."""
         _check_id(session_id)
-        if not self._cached:
-            return await self.backend.delete_session(session_id)
-        existed = await self._load(session_id) is not None
-        if existed:
-            self._forget(session_id)
-            await self._commit()
-        return existed
+        return await self._strategy.delete(session_id)
 
     async def is_new_session(self, session_id: str) -> bool:
         return await self.get_session(session_id) is None
@@ -380,25 +228,19 @@ class SessionManager:
 
     async def cleanup(self) -> int:
         """Delete expired sessions in bounded batches; return how many went."""
-        await self._settle_writes()
+        await self._strategy.settle()
         now = self._clock()
         deleted = 0
         batch = self.config.sweep_batch_size
         while True:
             ids = await self.backend.delete_expired_sessions(now, batch)
-            for session_id in ids:
-                cached = self._cache.get(session_id)
-                if cached is not None and not cached.is_expired(now):
-                    # Slid in memory after the flush: the row must come back.
-                    self.writer.put_session(cached)
-                else:
-                    self._cache.pop(session_id, None)
+            self._strategy.swept(ids, now)
             deleted += len(ids)
             if len(ids) < batch:
                 break
             # Yield between batches so a large sweep never stalls the proxy.
             await asyncio.sleep(0)
-        self.total_cleaned += deleted
+        self._counters.total_cleaned += deleted
         return deleted
 
     async def purge_records(self, retention: float | None = None) -> int:
@@ -406,7 +248,7 @@ class SessionManager:
         retention = self.config.log_retention if retention is None else retention
         if retention is None:
             return 0
-        await self._settle_writes()
+        await self._strategy.settle()
         cutoff = self._clock() - round(retention * 1000)
         purged = 0
         batch = self.config.sweep_batch_size
@@ -419,55 +261,62 @@ class SessionManager:
         self.records_purged += purged
         return purged
 
+    async def purge_lineage(self, retention: float | None = None) -> int:
+        """Forget conversation points older than `retention` seconds (default: config).
+
+        A client resending a history whose points were forgotten starts a new upstream chat
+        with its whole history: nothing goes wrong, it only costs the upstream more tokens.
+        """
+        retention = self.config.lineage_retention if retention is None else retention
+        if retention is None:
+            return 0
+        await self._strategy.settle()
+        cutoff = self._clock() - round(retention * 1000)
+        purged = 0
+        batch = self.config.sweep_batch_size
+        while True:
+            n = await self.backend.delete_lineage_before(cutoff, batch)
+            purged += n
+            if n < batch:
+                break
+            await asyncio.sleep(0)
+        self.lineage.forget_before(cutoff)
+        self.lineage_purged += purged
+        return purged
+
     async def sweep(self) -> tuple[int, int]:
-        """One sweep: expired sessions, then records past retention. (sessions, records)."""
-        return await self.cleanup(), await self.purge_records()
+        """One sweep: expired sessions, records and lineage past retention.
+
+        Returns (sessions, records) deleted.
+        """
+        sessions, records = await self.cleanup(), await self.purge_records()
+        await self.purge_lineage()
+        return sessions, records
 
     def start_cleanup(self) -> None:
         """Sweep every `sweep_interval` seconds on the running loop (idempotent)."""
-        if self._cleanup_task is None or self._cleanup_task.done():
-            self._cleanup_task = asyncio.get_running_loop().create_task(
-                self._cleanup_loop(), name="aiohttp_session_store.sweeper"
-            )
+        self.sweeper.start()
 
     def stop_cleanup(self) -> None:
         """Stop the periodic sweep (idempotent)."""
-        if self._cleanup_task is not None:
-            self._cleanup_task.cancel()
+        self.sweeper.stop()
 
     @property
     def cleanup_running(self) -> bool:
-        return self._cleanup_task is not None and not self._cleanup_task.done()
-
-    async def _cleanup_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A failed sweep must not end the timer: the next one retries.
-                self.sweep_errors += 1
-                log.exception("session sweep failed; retrying in %ss", self.config.sweep_interval)
+        return self.sweeper.running
 
     async def shutdown(self) -> None:
         """Stop the timer, commit pending writes and close the backend; rows stay."""
-        self.stop_cleanup()
-        if self._cleanup_task is not None:
-            # wait(), not `await task`: the task's own cancellation is expected, while a
-            # cancellation of shutdown() itself must still propagate.
-            await asyncio.wait({self._cleanup_task})
-            self._cleanup_task = None
+        await self.sweeper.close()
         await self.writer.close()
         if self._opened:
             self._opened = False
             await self.backend.close()
-        self._cache.clear()
+        self._strategy.forget_all()
 
     async def get_metrics(self) -> dict[str, int]:
         # Metrics are how a failing disk is noticed: a short, bounded wait for the queue.
-        if self._cached and self.writer.running:
+        if not self.backend.shared and self.writer.running:
             with contextlib.suppress(asyncio.TimeoutError, StoreWriteError):
                 await asyncio.wait_for(self.writer.flush(), 4 * self.config.flush_interval)
         now = self._clock()
@@ -486,31 +335,22 @@ class SessionManager:
 
     async def get_active_sessions(self) -> list[str]:
         """Ids of sessions not expired, newest first."""
-        await self._settle_writes()
+        await self._strategy.settle()
         query = SessionQuery(state="active", now=self._clock(), order="created_at_desc")
         return [s.id for s in await self.backend.list_sessions(query)]
 
     async def get_session_count(self) -> int:
-        await self._settle_writes()
+        await self._strategy.settle()
         return await self.backend.count_sessions(active_at=self._clock())
 
     async def get_all_sessions(self) -> list[tuple[str, Session]]:
         """Every session row (expired ones not yet swept included), newest first."""
-        await self._settle_writes()
+        await self._strategy.settle()
         sessions = await self.backend.list_sessions(SessionQuery(order="created_at_desc"))
         return [(s.id, s) for s in sessions]
 
     async def clear_all(self) -> int:
         """Delete every session (never records); return how many."""
-        await self._settle_writes()
-        self._cache.clear()
+        await self._strategy.settle()
+        self._strategy.forget_all()
         return await self.backend.clear_sessions()
-
-    async def _settle_writes(self) -> None:
-        """Listings and sweeps read the database: commit what memory holds first.
-
-        Bounded like a sync commit: with storage failing, a listing answers from what is
-        committed instead of hanging (a sweep re-queues what memory slid meanwhile).
-        """
-        if self._cached and self.writer.running:
-            await self.commit_bounded()

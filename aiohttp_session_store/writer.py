@@ -5,9 +5,12 @@ awaits a database write; the writer commits whatever has accumulated in one tran
 (group commit). `flush()` waits until everything handed over before the call is committed,
 which is how `durability="sync"` and shutdown get their guarantee.
 
-When storage fails the batch is retried with backoff while new items keep queueing up to
-`max_pending`; past that new records are dropped and counted, so a broken disk can neither
-take the proxy down nor exhaust its memory. The error is logged once per burst.
+A batch carries at most `max_batch_bytes` of records, taken in the order they were handed
+over, and lingers only until its oldest item is half a `flush_interval` old, so a commit
+never waits behind a large one. When storage fails the batch is retried with backoff while
+new items keep queueing up to `max_pending` records and `max_pending_bytes`; past either
+new records are dropped and counted, so a broken disk can neither take the proxy down nor
+exhaust its memory. The error is logged once per burst.
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Final
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final, NamedTuple, Union
 
 from .backends.base import Backend
 from .errors import StoreWriteError
 from .models import LineageNode, RequestRecord, ResponseRecord, Session, WriteBatch
+from .session_cache import session_bytes
 
-__all__ = ("DELETED", "RecordWriter")
+__all__ = ("DELETED", "RecordWriter", "record_bytes")
 
 log: Final = logging.getLogger("aiohttp_session_store.writer")
 
@@ -39,6 +47,27 @@ DELETED: Final = _Deleted()
 
 _MAX_BACKOFF: Final = 1.0
 
+# A record object with its slots and small ints, beyond the strings it holds.
+_RECORD_OVERHEAD: Final = 250
+
+
+class _Upstream(NamedTuple):
+    request_id: str
+    body: str
+
+
+_Item = Union[RequestRecord, ResponseRecord, _Upstream, LineageNode]  # noqa: UP007 (runtime alias, 3.10)
+
+
+def record_bytes(record: RequestRecord | ResponseRecord) -> int:
+    """Memory a queued record holds: its strings as CPython stores them, plus the object."""
+    size = _RECORD_OVERHEAD
+    for name in record.__slots__:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            size += sys.getsizeof(value)
+    return size
+
 
 class RecordWriter:
     def __init__(
@@ -47,23 +76,34 @@ class RecordWriter:
         *,
         flush_interval: float = 0.05,
         max_pending: int = 10_000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        max_batch_bytes: int = 2 * 1024 * 1024,
         close_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backend = backend
         # Half the interval spent gathering leaves the other half for the commit itself,
         # so a record is committed within `flush_interval` of being handed over.
         self._linger = flush_interval / 2
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
+        self._max_batch_bytes = max_batch_bytes
         self._close_timeout = close_timeout
+        self._clock = clock
 
         self._sessions: dict[str, Session | _Deleted] = {}
-        self._requests: list[RequestRecord] = []
-        self._upstream: list[tuple[str, str]] = []
-        self._responses: list[ResponseRecord] = []
-        self._nodes: list[LineageNode] = []
+        self._session_bytes = 0
+        # Records in the order they were handed over, with their sequence number and size:
+        # a batch is a prefix of it, so a request is never committed after its response.
+        self._queue: deque[tuple[int, _Item, int]] = deque()
+        self._queued_records = 0  # requests, upstream bodies and responses in _queue
+        self._queued_bytes = 0
+        self._oldest = 0.0  # when the oldest item not yet taken was handed over (0: none)
+        self._backlog = False  # items left over by the last batch's byte bound
         # What the current commit holds, so reads still see it while the commit runs.
         self._inflight_sessions: dict[str, Session | _Deleted] = {}
         self._inflight_records = 0
+        self._inflight_bytes = 0
 
         self._enqueued = 0  # sequence number of the last item handed over
         self._committed = 0  # every item up to this sequence number is settled
@@ -84,65 +124,76 @@ class RecordWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._requests) + len(self._responses) + len(self._upstream) + len(self._nodes)
+        """Records waiting for a commit (the commit in progress not included)."""
+        return self._queued_records
 
-    def _accept(self) -> bool:
-        if self.pending >= self._max_pending:
-            self.records_dropped += 1
-            if not self._dropping:
-                # Once per burst: the queue fills long before the first commit fails.
-                self._dropping = True
-                log.warning(
-                    "record queue full (%d); dropping records until it drains", self._max_pending
-                )
-            return False
-        return True
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held for records and session changes not yet committed (in-flight included)."""
+        return self._queued_bytes + self._inflight_bytes + self._session_bytes
+
+    def _drop(self, why: str) -> None:
+        self.records_dropped += 1
+        if not self._dropping:
+            # Once per burst: the queue fills long before the first commit fails.
+            self._dropping = True
+            log.warning("record queue full (%s); dropping records until it drains", why)
 
     def _handed_over(self) -> None:
+        if not self._oldest:
+            self._oldest = self._clock()
         self._enqueued += 1
         self._wakeup.set()
 
+    def _enqueue(self, item: _Item, size: int) -> bool:
+        if self._queued_records >= self._max_pending:
+            self._drop(f"{self._max_pending} records")
+            return False
+        if self.pending_bytes + size > self._max_pending_bytes:
+            self._drop(f"{self._max_pending_bytes} bytes")
+            return False
+        self._handed_over()
+        self._queue.append((self._enqueued, item, size))
+        self._queued_records += 1
+        self._queued_bytes += size
+        if self._queued_bytes >= self._max_batch_bytes:
+            self._urgent.set()  # a full batch is waiting: lingering would only delay it
+        return True
+
     def put_session(self, session: Session) -> None:
         """Queue a full snapshot of a session (the newest snapshot of an id wins)."""
-        if session.id not in self._sessions and len(self._sessions) >= self._max_pending:
+        size = session_bytes(session)
+        old = self._sessions.get(session.id)
+        if old is None and len(self._sessions) >= self._max_pending:
             self.records_dropped += 1
             return
-        self._sessions[session.id] = session
+        if isinstance(old, Session):
+            self._session_bytes -= session_bytes(old)
         self._handed_over()
+        self._sessions[session.id] = session
+        self._session_bytes += size
 
     def delete_session(self, session_id: str) -> None:
-        self._sessions[session_id] = DELETED
+        old = self._sessions.get(session_id)
+        if isinstance(old, Session):
+            self._session_bytes -= session_bytes(old)
         self._handed_over()
+        self._sessions[session_id] = DELETED
 
     def put_request(self, record: RequestRecord) -> bool:
         """Queue a request record; False if it was dropped (its response must be too)."""
-        if not self._accept():
-            return False
-        self._requests.append(record)
-        self._handed_over()
-        return True
+        return self._enqueue(record, record_bytes(record))
 
     def put_upstream_request(self, request_id: str, upstream_request: str) -> bool:
-        if not self._accept():
-            return False
-        self._upstream.append((request_id, upstream_request))
-        self._handed_over()
-        return True
+        item = _Upstream(request_id, upstream_request)
+        return self._enqueue(item, _RECORD_OVERHEAD + sys.getsizeof(upstream_request))
 
     def put_response(self, record: ResponseRecord) -> bool:
-        if not self._accept():
-            return False
-        self._responses.append(record)
-        self._handed_over()
-        return True
+        return self._enqueue(record, record_bytes(record))
 
     def put_node(self, node: LineageNode) -> bool:
-        """Queue a lineage node (committed with the records handed over with it)."""
-        if not self._accept():
-            return False
-        self._nodes.append(node)
-        self._handed_over()
-        return True
+        """Queue a lineage node (committed with, or after, the records handed over before it)."""
+        return self._enqueue(node, _RECORD_OVERHEAD + len(node.hash) * 4)
 
     def lookup(self, session_id: str) -> Session | _Deleted | None:
         """The newest uncommitted state of a session: a snapshot, DELETED, or None."""
@@ -202,20 +253,38 @@ class RecordWriter:
         self._settle(self._enqueued, StoreWriteError("the record writer was closed"))
 
     def _take(self) -> tuple[WriteBatch, int]:
+        """The next batch: every session change, and records up to `max_batch_bytes`."""
         batch = WriteBatch(
             sessions=[s for s in self._sessions.values() if isinstance(s, Session)],
             deleted_sessions=[k for k, s in self._sessions.items() if s is DELETED],
-            requests=self._requests,
-            upstream_requests=self._upstream,
-            responses=self._responses,
-            nodes=self._nodes,
         )
         self._inflight_sessions = self._sessions
-        self._inflight_records = (
-            len(batch.requests) + len(batch.upstream_requests) + len(batch.responses)
-        )
+        self._inflight_bytes = self._session_bytes
         self._sessions = {}
-        self._requests, self._upstream, self._responses, self._nodes = [], [], [], []
+        self._session_bytes = 0
+        queue, taken, size = self._queue, 0, 0
+        while queue and (taken == 0 or size + queue[0][2] <= self._max_batch_bytes):
+            _, item, item_size = queue.popleft()
+            taken += 1
+            size += item_size
+            if isinstance(item, RequestRecord):
+                batch.requests.append(item)
+            elif isinstance(item, ResponseRecord):
+                batch.responses.append(item)
+            elif isinstance(item, LineageNode):
+                batch.nodes.append(item)
+            else:
+                batch.upstream_requests.append((item.request_id, item.body))
+        self._queued_records -= taken
+        self._queued_bytes -= size
+        self._inflight_records = taken
+        self._inflight_bytes += size
+        self._oldest = 0.0
+        if queue:
+            # What is left has waited already: commit it next, without lingering.
+            self._backlog = True
+            self._wakeup.set()
+            return batch, queue[0][0] - 1
         return batch, self._enqueued
 
     def _settle(self, upto: int, error: BaseException | None = None) -> None:
@@ -237,15 +306,20 @@ class RecordWriter:
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
-            if not self._urgent.is_set():
+            # Linger so that one commit carries many calls, but only until the oldest
+            # waiting item is `linger` old: time it spent behind the last commit counts.
+            linger = self._oldest + self._linger - self._clock()
+            if linger > 0 and not self._backlog and not self._urgent.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), self._linger)
+                    await asyncio.wait_for(self._urgent.wait(), linger)
             self._wakeup.clear()
+            self._backlog = False
             batch, upto = self._take()
             if len(batch):
                 await self._commit(batch)
             self._inflight_sessions = {}
             self._inflight_records = 0
+            self._inflight_bytes = 0
             self._settle(upto)
 
     async def _commit(self, batch: WriteBatch) -> None:

@@ -355,6 +355,19 @@ def make_app(
     return app, store
 
 
+class FakeClock:
+    """An injected clock (integer ms) so expiry is tested without sleeping."""
+
+    def __init__(self, now: int = 1_700_000_000_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += round(seconds * 1000)
+
+
 # -- reading records -----------------------------------------------------------------------
 
 

@@ -161,21 +161,32 @@ class Load:
 
 
 async def fire(
-    url: str, load: Load, *, total: int | None, concurrency: int = 20, prefix: str = "load"
+    url: str,
+    load: Load,
+    *,
+    total: int | None,
+    concurrency: int = 20,
+    prefix: str = "load",
+    pad: tuple[int, int] | None = None,
 ) -> None:
     """Send numbered first messages (`{prefix} {i}`) with `concurrency` workers.
 
     Runs until `total` calls were made (None: until cancelled). A call counts as answered
     only when its status line arrived; connection errors (the server going away) are noted.
+    `pad` (low, high): each body carries a random filler of that many bytes.
     """
+    rng = random.Random(1)
     counter = iter(range(total) if total is not None else iter(int, 1))
     numbers: Iterator[int] = (i for i, _ in enumerate(counter))
     timeout = aiohttp.ClientTimeout(total=15)
 
     async def worker(http: aiohttp.ClientSession) -> None:
         for i in numbers:
+            body = user(f"{prefix} {i}")
+            if pad is not None:
+                body["metadata"] = {"pad": "p" * rng.randint(*pad)}
             try:
-                async with http.post(url + PATH, json=user(f"{prefix} {i}")) as resp:
+                async with http.post(url + PATH, json=body) as resp:
                     await resp.read()
                     load.statuses[i] = resp.status
                     load.answered[i] = time.monotonic()
@@ -298,6 +309,7 @@ async def test_kill_9_under_load_leaves_a_sound_database(tmp_path: Path) -> None
     recent = {i for i in answered if load.answered[i] >= killed_at - 0.5}
     assert len(recent) < len(answered) / 2, "the load was too short for the bound to mean much"
     assert missing <= recent, f"lost records of calls answered >0.5 s before the kill: {missing}"
+
     assert set(responses) <= requested
     assert all(count == 1 for count in responses.values())
 
@@ -320,6 +332,44 @@ async def test_kill_9_under_load_leaves_a_sound_database(tmp_path: Path) -> None
         ("after the crash",),
     )
     assert found[0][0] == 1
+
+
+@pytest.mark.slow
+async def test_kill_9_loss_window_with_24_clients_and_large_bodies(tmp_path: Path) -> None:
+    """The README's measured bound: 24 clients, bodies of 16-64 KiB, kill -9 mid-load."""
+    db, log = tmp_path / "sessions.db", tmp_path / "server.log"
+    served = await start_server(db, log, "--flush-interval", "0.05")
+    load = Load()
+    started = time.monotonic()
+    firing = asyncio.create_task(
+        fire(served.url, load, total=None, concurrency=24, pad=(16 * 1024, 64 * 1024))
+    )
+    try:
+        await wait_until(
+            lambda: time.monotonic() - started >= 2.0 and len(load.answered) >= 200,
+            30,
+            "2 s of load and 200 answered calls",
+        )
+        killed_at = time.monotonic()
+        served.proc.kill()
+        await served.proc.wait()
+        await asyncio.sleep(0.1)
+    finally:
+        firing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await firing
+
+    assert rows(db, "PRAGMA integrity_check")[0][0] == "ok"
+    answered = {i for i, t in load.answered.items() if t <= killed_at}
+    responses, _ = recorded_numbers(db)
+    missing = answered - set(responses)
+    window = max((killed_at - load.answered[i] for i in missing), default=0.0)
+    print(
+        f"\nkill -9: {len(answered)} answered, {len(missing)} lost, oldest {window * 1000:.0f} ms"
+    )
+    # Measured on a loaded 2-core machine: at most ~0.2 s (see the README). The assertion
+    # allows for a noisy neighbour; the writer it guards against lost calls 0.15-0.65 s old.
+    assert window <= 0.5, f"lost calls answered up to {window * 1000:.0f} ms before the kill"
 
 
 # --------------------------------------------------------------------------- in-process apps

@@ -440,7 +440,14 @@ async def test_racing_regenerates_leave_a_consistent_tree(
     if backend == "postgres":
         from conftest import PG_DSN
 
-        schema = request.getfixturevalue("pg_schema")
+        import asyncpg
+
+        schema = request.getfixturevalue("pg_schema")  # dropped after the test
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+        finally:
+            await conn.close()
         database = f"{PG_DSN}?search_path={schema}"
         instances = 2  # two proxies sharing one store, as behind a load balancer
     else:

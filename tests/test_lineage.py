@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +251,16 @@ async def test_openai_clients_resent_history_hashes_as_recorded(
     assert chain is not None
     assert stored_hash == chain[-1].hex()
     assert (node_id, depth) == (upstream.app[fake_upstream.CALLS][-1].new_parent_id, 3)
+
+
+async def test_lineage_retention_forgets_old_points(tmp_path: Path) -> None:
+    now = [1_000_000_000]
+    config = StoreConfig(lineage_retention="1d", clock=lambda: now[0])
+    async with SessionManager(tmp_path / "s.db", config=config) as manager:
+        manager.lineage.record(replace(node("a", 2), created_at=now[0]))
+        now[0] += 2 * 86_400_000
+        manager.lineage.record(replace(node("b", 2), created_at=now[0]))
+        await manager.sweep()
+        assert manager.lineage_purged == 1
+        assert await manager.lineage.find(["a"]) is None
+        assert await manager.lineage.find(["b"]) is not None

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from proxy_apps import FakeClock
 
 from aiohttp_session_store import InvalidSessionIdError, SessionManager, StoreConfig
 from aiohttp_session_store.backends.base import Backend
-
-
-@dataclass
-class FakeClock:
-    """An injected clock (integer ms) so expiry is tested without sleeping."""
-
-    now: int = 1_700_000_000_000
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += round(seconds * 1000)
-
 
 TIMEOUT = 60.0
 
@@ -481,3 +468,79 @@ async def test_sessions_created_in_one_millisecond_list_newest_first(
         await manager.create_session(sid)
     assert await manager.get_active_sessions() == ["mid", "alpha", "zeta"]
     assert [sid for sid, _ in await manager.get_all_sessions()] == ["mid", "alpha", "zeta"]
+
+
+# -- memory bounded in bytes ------------------------------------------------------------------
+
+
+async def test_a_long_first_message_is_cut_and_marked_in_memory_and_in_the_database(
+    make_manager: Callable[..., SessionManager],
+) -> None:
+    text = "é" * 500_000  # 1,000,000 UTF-8 bytes
+    sid = SessionManager.generate_session_id(text)  # derived from the whole text
+    async with make_manager(max_first_message_bytes=1000) as m:
+        s = await m.resolve_session(sid, first_user_message=text)
+        assert s.id == sid
+        assert s.first_user_message.endswith("…[cut]")
+        assert text.startswith(s.first_user_message.removesuffix("…[cut]"))
+        assert 990 <= len(s.first_user_message.encode()) <= 1000
+        short = await m.create_session("short", first_user_message="fits")
+        assert short.first_user_message == "fits"
+    async with make_manager(max_first_message_bytes=1000) as m:
+        stored = await m.get_session(sid)
+        assert stored is not None
+        assert stored.first_user_message == s.first_user_message
+
+
+# The session cache exists only for a store one process owns (SQLite); a shared store
+# holds nothing per session in memory.
+
+
+async def test_the_session_cache_is_bounded_in_bytes(tmp_path: Path, clock: FakeClock) -> None:
+    bound = 512 * 1024
+    config = StoreConfig(max_cache_bytes=bound, max_first_message_bytes=64 * 1024)
+    async with SessionManager(tmp_path / "s.db", config=config, clock=clock) as m:
+        cache = m.cache
+        assert cache is not None
+        for i in range(300):  # 300 conversations opening with 800 KiB each: 234 MiB offered
+            text = f"{i} " + "x" * (800 * 1024)
+            await m.resolve_session(SessionManager.generate_session_id(text), text)
+            assert cache.bytes <= bound
+        assert 0 < len(cache) < 300
+        # Forgotten sessions are still served, from the database.
+        first = SessionManager.generate_session_id("0 " + "x" * (800 * 1024))
+        got = await m.get_session(first)
+        assert got is not None
+        assert len(got.first_user_message.encode()) <= 64 * 1024
+
+
+async def test_the_session_cache_is_bounded_in_count(tmp_path: Path, clock: FakeClock) -> None:
+    config = StoreConfig(max_cached_sessions=10)
+    async with SessionManager(tmp_path / "s.db", config=config, clock=clock) as m:
+        for i in range(50):
+            await m.create_session(f"s{i}")
+        assert m.cache is not None
+        assert len(m.cache) == 10
+        assert await m.get_session_count() == 50
+
+
+async def test_the_configs_clock_is_the_managers_clock(
+    backend_factory: Callable[..., Backend], clock: FakeClock
+) -> None:
+    config = StoreConfig(session_timeout=TIMEOUT, clock=clock)
+    async with SessionManager(backend_factory(), config=config) as m:
+        s = await m.create_session("s1")
+        assert s.created_at == clock.now
+        clock.advance(TIMEOUT + 1)
+        assert await m.get_session("s1") is None
+
+
+async def test_a_shared_store_uses_the_direct_strategy(
+    backend_factory: Callable[..., Backend],
+) -> None:
+    from aiohttp_session_store.strategies import DirectStrategy, WriteBehindStrategy
+
+    m = SessionManager(backend_factory())
+    expected = DirectStrategy if m.backend.shared else WriteBehindStrategy
+    assert type(m.strategy) is expected
+    assert (m.cache is None) == m.backend.shared

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from proxy_apps import (
     CHAT_PATH,
+    FakeClock,
     aiohttp_sse_handler,
     chat_body,
     completion,
@@ -46,7 +47,7 @@ from aiohttp_session_store import (
     setup,
 )
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
-from aiohttp_session_store.models import RequestQuery
+from aiohttp_session_store.models import RequestQuery, now_ms
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -351,13 +352,17 @@ async def test_shutdown_during_a_stream_still_records_it(tmp_path: Path) -> None
 async def test_sweeps_delete_expired_sessions_and_keep_their_records(
     aiohttp_client: ClientFactory, tmp_path: Path
 ) -> None:
-    config = StoreConfig(session_timeout=0.2, sweep_interval=0.05)
+    clock = FakeClock()
+    config = StoreConfig(session_timeout=60, sweep_interval=0.05, clock=clock)
     app, store = make_app(stateful_proxy, db=tmp_path / "s.db", config=config)
     assert store is not None
     client = await aiohttp_client(app)
     await (await client.post(CHAT_PATH, json=chat_body("soon gone"))).read()
     await store.flush()
     assert await store.backend.count_sessions() == 1
+    await asyncio.sleep(0.15)  # a few sweeps on the app loop: the live session stays
+    assert await store.backend.count_sessions() == 1
+    clock.advance(60)
 
     async def swept() -> bool:
         return await store.backend.count_sessions() == 0
@@ -373,12 +378,15 @@ async def test_sweeps_delete_expired_sessions_and_keep_their_records(
 async def test_sweeps_delete_records_past_log_retention(
     aiohttp_client: ClientFactory, tmp_path: Path
 ) -> None:
-    config = StoreConfig(log_retention=0.5, sweep_interval=0.05, session_timeout=600)
+    # Records are stamped with the wall clock: the fake one starts from it.
+    clock = FakeClock(now_ms())
+    config = StoreConfig(log_retention="1h", sweep_interval=0.05, session_timeout="2d", clock=clock)
     app, store = make_app(stateful_proxy, db=tmp_path / "s.db", config=config)
     assert store is not None
     client = await aiohttp_client(app)
     await (await client.post(CHAT_PATH, json=chat_body("kept session"))).read()
     assert len(await exchanges(store)) == 1
+    clock.advance(3601)
 
     async def purged() -> bool:
         return await store.backend.count_requests(RequestQuery()) == 0
@@ -398,16 +406,16 @@ async def test_a_call_outliving_log_retention_does_not_stall_the_writer(
     stop every later record from being committed.
     """
     long_stream = sse_handler(sse_frames(content_chunks(["a"] * 10)), delay=0.08)
-    config = StoreConfig(log_retention=0.3, sweep_interval=0.05, paths=(CHAT_PATH, "/quick"))
+    # shutdown_timeout: so that, were the writer stalled, teardown would not wait out 10 s.
+    config = StoreConfig(
+        log_retention=0.3, sweep_interval=0.05, paths=(CHAT_PATH, "/quick"), shutdown_timeout=0.5
+    )
     app, store = make_app(
         {CHAT_PATH: long_stream, "/quick": json_handler(completion("q"))},
         db=tmp_path / "s.db",
         config=config,
     )
     assert store is not None
-    # Only so that, while this bug exists, the failing test does not wait out the default
-    # 10 s close timeout at teardown.
-    store.manager.writer._close_timeout = 0.5
     client = await aiohttp_client(app)
     await (await client.post(CHAT_PATH, json=chat_body("long", stream=True))).read()
     await (await client.post("/quick", json=chat_body("quick"))).read()
@@ -426,12 +434,14 @@ async def test_a_call_outliving_log_retention_does_not_stall_the_writer(
 async def test_sweeps_keep_records_when_no_retention_is_set(
     aiohttp_client: ClientFactory, tmp_path: Path
 ) -> None:
-    config = StoreConfig(session_timeout=0.05, sweep_interval=0.05)
+    clock = FakeClock()
+    config = StoreConfig(session_timeout=60, sweep_interval=0.05, clock=clock)
     app, store = make_app(stateful_proxy, db=tmp_path / "s.db", config=config)
     assert store is not None
     client = await aiohttp_client(app)
     await (await client.post(CHAT_PATH, json=chat_body("x"))).read()
     sweeps_before = store.manager.total_cleaned
+    clock.advance(61)
     await poll(lambda: _true_after(store, sweeps_before))
     await asyncio.sleep(0.2)  # several more sweeps
     assert len(await exchanges(store)) == 1
@@ -447,7 +457,8 @@ async def test_a_failed_sweep_is_logged_and_tried_again(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = StoreConfig(session_timeout=0.1, sweep_interval=0.05)
+    clock = FakeClock()
+    config = StoreConfig(session_timeout=60, sweep_interval=0.05, clock=clock)
     app, store = make_app(stateful_proxy, db=tmp_path / "s.db", config=config)
     assert store is not None
     real = store.backend.delete_expired_sessions
@@ -464,6 +475,7 @@ async def test_a_failed_sweep_is_logged_and_tried_again(
     caplog.set_level(logging.ERROR, logger="aiohttp_session_store")
     client = await aiohttp_client(app)
     await (await client.post(CHAT_PATH, json=chat_body("x"))).read()
+    clock.advance(61)
 
     async def recovered() -> bool:
         return calls >= 2 and await store.backend.count_sessions() == 0
@@ -477,8 +489,8 @@ async def test_a_failed_sweep_is_logged_and_tried_again(
 async def test_sweeps_delete_in_bounded_batches(
     aiohttp_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The first sweep comes a second after startup: time enough to create all five.
-    config = StoreConfig(session_timeout=0.05, sweep_interval=1.0, sweep_batch_size=2)
+    clock = FakeClock()
+    config = StoreConfig(session_timeout=60, sweep_interval=0.05, sweep_batch_size=2, clock=clock)
     app, store = make_app(stateful_proxy, db=tmp_path / "s.db", config=config)
     assert store is not None
     real = store.backend.delete_expired_sessions
@@ -495,6 +507,7 @@ async def test_sweeps_delete_in_bounded_batches(
         await (await client.post(CHAT_PATH, json=chat_body(f"conversation {i}"))).read()
     await store.flush()
     assert await store.backend.count_sessions() == 5
+    clock.advance(61)
 
     async def swept() -> bool:
         return await store.backend.count_sessions() == 0

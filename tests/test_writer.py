@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -231,3 +232,112 @@ async def test_flush_before_start_is_an_error(backend: FlakyBackend) -> None:
     writer.put_request(request_record())
     with pytest.raises(RuntimeError, match="not running"):
         await writer.flush()
+
+
+# -- a poisoned batch, and the byte bounds ------------------------------------------------
+
+
+async def test_a_poisoned_batch_is_salvaged_item_by_item(
+    backend: FlakyBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = RecordWriter(backend, flush_interval=10.0)
+    writer.start()
+    caplog.set_level(logging.ERROR, logger="aiohttp_session_store.writer")
+    try:
+        good = [request_record(i) for i in range(3)]
+        for req in good:
+            writer.put_request(req)
+            writer.put_response(response_record(req))
+        # A response to a request that was never stored: a foreign-key violation, which
+        # retrying cannot cure. It must not take the six good records down with it.
+        orphan = response_record(request_record(99))
+        writer.put_response(orphan)
+        await writer.flush()
+        exchanges = await backend.list_exchanges(RequestQuery())
+        assert sorted(e.request.request_id for e in exchanges) == sorted(r.request_id for r in good)
+        assert all(e.response is not None for e in exchanges)
+        assert writer.records_written == 6
+        assert writer.records_dropped == 1
+        assert writer.write_errors == 2  # the batch, then the bad item alone
+        assert any("item by item" in r.getMessage() for r in caplog.records)
+    finally:
+        await writer.close()
+
+
+def big_request(i: int, body_bytes: int) -> RequestRecord:
+    return dataclasses.replace(request_record(i), openai_request="x" * body_bytes)
+
+
+async def test_queued_bytes_stay_bounded_while_storage_fails(backend: FlakyBackend) -> None:
+    limit = 8 * 1024 * 1024
+    writer = RecordWriter(backend, flush_interval=0.01, max_pending=10_000, max_pending_bytes=limit)
+    writer.start()
+    backend.failing = True
+    try:
+        accepted = 0
+        for i in range(200):  # 100 MiB offered, far under the record count bound
+            accepted += writer.put_request(big_request(i, 512 * 1024))
+            assert writer.pending_bytes <= limit
+            await asyncio.sleep(0)
+        assert 0 < accepted <= limit // (512 * 1024)
+        assert writer.records_dropped == 200 - accepted
+        backend.failing = False
+        await asyncio.wait_for(writer.flush(), 10)
+        assert await stored(backend) == accepted
+        assert writer.pending_bytes == 0
+    finally:
+        await writer.close()
+
+
+async def test_a_batch_is_bounded_in_bytes(backend: FlakyBackend) -> None:
+    writer = RecordWriter(backend, flush_interval=10.0, max_batch_bytes=300 * 1024)
+    writer.start()
+    try:
+        for i in range(10):
+            writer.put_request(big_request(i, 100 * 1024))
+        await writer.flush()
+        assert await stored(backend) == 10
+        # Two records of ~100 KiB fit under 300 KiB, a third does not.
+        assert backend.batches == [2, 2, 2, 2, 2]
+    finally:
+        await writer.close()
+
+
+async def test_a_full_batch_does_not_linger(backend: FlakyBackend) -> None:
+    # A long flush interval: only the byte bound can make this commit happen now.
+    writer = RecordWriter(backend, flush_interval=30.0, max_batch_bytes=64 * 1024)
+    writer.start()
+    try:
+        for i in range(4):
+            writer.put_request(big_request(i, 32 * 1024))
+        for _ in range(200):
+            if backend.batches:
+                break
+            await asyncio.sleep(0.01)
+        assert backend.batches, "a full batch waited for the flush interval"
+    finally:
+        await writer.close()
+
+
+async def test_records_keep_their_order_across_byte_bounded_batches(
+    backend: FlakyBackend,
+) -> None:
+    # A response is never committed before its request, whatever the batch boundaries.
+    writer = RecordWriter(backend, flush_interval=10.0, max_batch_bytes=20 * 1024)
+    writer.start()
+    try:
+        for i in range(12):
+            req = big_request(i, 9 * 1024)
+            writer.put_request(req)
+            writer.put_upstream_request(req.request_id, '{"up": true}')
+            writer.put_response(response_record(req))
+        await writer.flush()
+        assert writer.records_dropped == 0
+        assert writer.write_errors == 0
+        exchanges = await backend.list_exchanges(RequestQuery())
+        assert len(exchanges) == 12
+        assert all(e.response is not None for e in exchanges)
+        assert all(e.request.upstream_request == '{"up": true}' for e in exchanges)
+        assert len(backend.batches) > 1
+    finally:
+        await writer.close()

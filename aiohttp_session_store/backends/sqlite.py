@@ -851,6 +851,15 @@ class SQLiteBackend(Backend):
         )
         return [LineageNode(*row) for row in rows]
 
+    async def delete_lineage_before(self, cutoff: int, limit: int) -> int:
+        async with self._write() as db:
+            return await _rowcount(
+                db,
+                "DELETE FROM lineage WHERE hash IN"
+                " (SELECT hash FROM lineage WHERE created_at < ? LIMIT ?)",
+                (cutoff, limit),
+            )
+
     async def list_lineage_nodes(self, session_id: str) -> list[LineageNode]:
         rows = await self._read(
             "SELECT hash, scope, session_id, chat_id, node_id, response_id, depth, parent_hash,"
