@@ -438,9 +438,8 @@ async def test_racing_regenerates_leave_a_consistent_tree(
     request: pytest.FixtureRequest,
 ) -> None:
     if backend == "postgres":
-        from conftest import PG_DSN
-
         import asyncpg
+        from conftest import PG_DSN
 
         schema = request.getfixturevalue("pg_schema")  # dropped after the test
         conn = await asyncpg.connect(PG_DSN)
