@@ -32,7 +32,8 @@ from aiohttp_session_store import (
 )
 from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.models import RequestQuery
-from aiohttp_session_store.query import create_query_app, exchange_json, reply_text
+from aiohttp_session_store.query import create_query_app
+from aiohttp_session_store.views import exchange_json, reply_text
 
 Client = TestClient[Any, Any]
 

@@ -1,0 +1,94 @@
+"""Terminal output for the CLI: safe text, tables, times, JSON; no command logic, no I/O of its own.
+
+Records hold client text, so every string from a record passes `clean` before it reaches a
+terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import IO, Any, Final
+
+from .timeparse import format_duration_ms
+
+__all__ = ("clean", "opt", "relative", "short", "table", "tokens", "write_json")
+
+_BIDI_CONTROLS: Final = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def _char_table(*, keep_newlines: bool) -> dict[int, str]:
+    """What `str.translate` makes of characters unsafe on a terminal.
+
+    Records hold client text: an escape sequence must not reach the operator's terminal
+    (C0 controls become their visible "control pictures", ␛ for ESC), and bidirectional
+    overrides must not make a line read differently than it is.
+    """
+    table = {code: chr(0x2400 + code) for code in range(0x20)}
+    table[0x7F] = "\u2421"
+    table.update({code: "\ufffd" for code in range(0x80, 0xA0)})
+    table.update({ord(ch): "\ufffd" for ch in _BIDI_CONTROLS})
+    for ch in "\t\n\r\v\f\u2028\u2029":
+        table[ord(ch)] = " "
+    if keep_newlines:
+        table.update({ord("\n"): "\n", ord("\t"): "\t", ord("\r"): "", 0x2028: "\n", 0x2029: "\n"})
+    return table
+
+
+_ONE_LINE: Final = _char_table(keep_newlines=False)
+_MULTI_LINE: Final = _char_table(keep_newlines=True)
+
+
+def clean(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` safe to print: controls made visible; one line unless `keep_newlines`."""
+    if keep_newlines:
+        return text.translate(_MULTI_LINE)
+    return " ".join(text.translate(_ONE_LINE).split())
+
+
+def short(text: str | None, width: int) -> str:
+    """`text` cleaned and cut to `width` characters (an ellipsis marks the cut); "-" for None."""
+    if text is None:
+        return "-"
+    line = clean(text)
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()
+) -> list[str]:
+    """Aligned columns, two spaces apart; the columns in `right` are right-aligned."""
+    widths = [max(len(r[i]) for r in (headers, *rows)) for i in range(len(headers))]
+    lines = []
+    for row in (headers, *rows):
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def relative(ms: int, now: int) -> str:
+    """An expiry time said relative to `now`: "in 29m 57s" or "expired 3s ago"."""
+    delta = ms - now
+    if delta > 0:
+        return "in " + format_duration_ms(delta)
+    return "expired " + format_duration_ms(-delta) + " ago"
+
+
+def opt(value: object) -> str:
+    """`value` as text, "-" for None."""
+    return "-" if value is None else str(value)
+
+
+def tokens(prompt: int | None, completion: int | None, total: int | None) -> str:
+    """Token counts as prompt/completion/total, "-" when the reply carried no usage."""
+    if prompt is None and completion is None and total is None:
+        return "-"
+    return f"{opt(prompt)}/{opt(completion)}/{opt(total)}"
+
+
+def write_json(out: IO[str], value: Any) -> None:
+    """`value` as indented JSON, text kept as is (not \\u-escaped)."""
+    out.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
