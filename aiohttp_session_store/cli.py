@@ -20,13 +20,13 @@ from . import __version__
 from .commands import (
     PROG,
     CliError,
-    cmd_export,
     cmd_requests,
     cmd_sessions,
     cmd_show,
     cmd_stats,
 )
 from .errors import StoreError
+from .exporting import cmd_export
 from .maintenance import cmd_backup, cmd_migrate, cmd_sweep
 from .models import SESSION_ORDERS, now_ms
 from .timeparse import parse_duration, parse_time
@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     def json_flag(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--json", action="store_true", help="JSON output (docs/cli.md)")
 
+    def force(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--force", action="store_true", help="replace the file if it exists (never the store)"
+        )
+
     def limit(sub: argparse.ArgumentParser, default: int) -> None:
         sub.add_argument(
             "--limit",
@@ -164,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("export", cmd_export, "requests with their responses as JSON lines")
     filters(sub)
     sub.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    force(sub)
     # Accepted so that every listing takes --json: the export is JSON lines either way.
     sub.add_argument("--json", action="store_true", help="JSON lines (always; for symmetry)")
 
@@ -171,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--list", action="store_true", help="show pending migrations; change nothing")
 
     sub = command("backup", cmd_backup, "a consistent copy of the store, even while in use")
-    sub.add_argument("path", metavar="PATH", help="a new file (never overwritten)")
+    sub.add_argument("path", metavar="PATH", help="a new file (replaced only with --force)")
+    force(sub)
     return parser
 
 

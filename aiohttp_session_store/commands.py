@@ -1,4 +1,4 @@
-"""The CLI's reading commands (sessions, show, requests, stats, export) and what all commands share.
+"""The CLI's reading commands (sessions, show, requests, stats) and what all commands share.
 
 Each command takes the parsed arguments and an output stream and returns an exit code;
 cli.py builds the parser and reports failures.
@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import IO, Any, Final, Literal, cast
 
 from .backends import backend_from_url
@@ -26,7 +22,6 @@ from .views import exchange_json, last_user_text, reply_text, session_json
 __all__ = (
     "PROG",
     "CliError",
-    "cmd_export",
     "cmd_requests",
     "cmd_sessions",
     "cmd_show",
@@ -274,47 +269,4 @@ async def cmd_stats(args: argparse.Namespace, out: IO[str]) -> int:
         out.write("no responses recorded\n")
     else:
         out.write("\n".join(_stats_lines(stats)) + "\n")
-    return 0
-
-
-async def _export_to(backend: Backend, args: argparse.Namespace, sink: IO[str]) -> int:
-    # Pages are read oldest first up to a fixed end, so records written while the export
-    # runs cannot shift a later page and duplicate a line.
-    until = args.until if args.until is not None else now_ms() + 1
-    written = 0
-    while True:
-        page = await backend.list_exchanges(
-            RequestQuery(
-                session_id=args.session,
-                model=args.model,
-                since=args.since,
-                until=until,
-                limit=_EXPORT_PAGE,
-                offset=written,
-                oldest_first=True,
-            )
-        )
-        for exchange in page:
-            sink.write(json.dumps(exchange_json(exchange, bodies=True), ensure_ascii=False))
-            sink.write("\n")
-        written += len(page)
-        if len(page) < _EXPORT_PAGE:
-            return written
-
-
-async def cmd_export(args: argparse.Namespace, out: IO[str]) -> int:
-    async with reader(args.db) as backend:
-        if args.output is None:
-            await _export_to(backend, args, out)
-            return 0
-        target = Path(args.output)
-        # Written beside the target and renamed: a failed export leaves no half file.
-        partial = target.with_name(target.name + ".partial")
-        try:
-            with partial.open("w", encoding="utf-8") as sink:
-                count = await _export_to(backend, args, sink)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-    sys.stderr.write(f"exported {count} requests to {target}\n")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import IO
 
 from .backends import backend_from_url
@@ -12,6 +13,7 @@ from .errors import DatabaseNotFoundError, SchemaVersionError
 from .manager import SessionManager
 from .migrations import MIGRATIONS, latest_version
 from .models import RequestQuery, now_ms
+from .safefile import check_target, place, private_dir
 from .timeparse import format_duration_ms, format_local
 
 __all__ = ("cmd_backup", "cmd_migrate", "cmd_sweep")
@@ -103,16 +105,22 @@ async def cmd_migrate(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 async def cmd_backup(args: argparse.Namespace, out: IO[str]) -> int:
+    target = Path(args.path)
+    check_target(target, db=args.db, force=args.force)
     # The source is only read (SQLite's online backup API copies it page by page, consistent
-    # even while a proxy writes); the backend refuses to overwrite an existing PATH.
-    async with reader(args.db) as backend:
-        try:
-            await backend.backup(args.path)
-        except NotImplementedError as exc:
-            raise CliError(str(exc)) from None
-    # Open the copy as any reader would: a backup that cannot be read is no backup.
-    async with reader(args.path) as copy:
-        sessions = await copy.count_sessions()
-        requests = await copy.count_requests(RequestQuery())
+    # even while a proxy writes). The copy is made in a fresh private directory, checked,
+    # then moved into place, so nothing planted at the target's path is ever written through.
+    with private_dir(target) as work:
+        copy_path = work / target.name
+        async with reader(args.db) as backend:
+            try:
+                await backend.backup(str(copy_path))
+            except NotImplementedError as exc:
+                raise CliError(str(exc)) from None
+        # Open the copy as any reader would: a backup that cannot be read is no backup.
+        async with reader(str(copy_path)) as copy:
+            sessions = await copy.count_sessions()
+            requests = await copy.count_requests(RequestQuery())
+        place(copy_path, target, force=args.force)
     out.write(f"backed up {sessions} sessions and {requests} requests to {args.path}\n")
     return 0

@@ -490,8 +490,121 @@ def test_export_to_file_with_filters(run: Run, db: Path, tmp_path: Path) -> None
     exported = [json.loads(line) for line in target.read_text("utf-8").splitlines()]
     assert [e["user_message"] for e in exported] == [STORY, "Another one"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["story.jsonl"]
-    code, _, _ = run("--db", db, "export", "--model", "gpt-4o", "--since", "1h", "-o", target)
+    code, _, err = run("--db", db, "export", "--model", "gpt-4o", "-o", target)
+    assert code == 1
+    assert ERROR_LINE.fullmatch(err)
+    assert "--force" in err
+    assert len(target.read_text("utf-8").splitlines()) == 2  # untouched
+    argv = ["--db", db, "export", "--model", "gpt-4o", "--since", "1h", "-o", target, "--force"]
+    assert run(*argv)[0] == 0
     assert len(target.read_text("utf-8").splitlines()) == 4
+    assert sorted(p.name for p in target.parent.iterdir()) == ["story.jsonl"]
+
+
+# -- files the CLI writes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+@pytest.mark.parametrize("force", [False, True])
+def test_export_refuses_the_store_and_its_side_files(
+    run: Run, db: Path, suffix: str, force: bool
+) -> None:
+    own = db.with_name(db.name + suffix)
+    if suffix:
+        own.write_bytes(b"")  # as a running proxy leaves them
+    before = {p.name: p.read_bytes() for p in db.parent.iterdir()}
+    code, out, err = run("--db", db, "export", "-o", own, *(["--force"] if force else []))
+    assert (code, out) == (1, "")
+    assert ERROR_LINE.fullmatch(err)
+    assert "store's own file" in err
+    assert {p.name: p.read_bytes() for p in db.parent.iterdir()} == before
+
+
+def test_export_and_backup_refuse_the_store_by_another_path(
+    run: Run, db: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "alias.db"
+    link.symlink_to(db)
+    hard = tmp_path / "hard.db"
+    os.link(db, hard)
+    digest = sha256(db)
+    for target in (link, hard, Path(os.path.relpath(db))):
+        for command in (["export", "-o", target], ["backup", target]):
+            code, _, err = run("--db", f"sqlite:///{db}", *command, "--force")
+            assert code == 1, (command, err)
+            assert "store's own file" in err
+    assert sha256(db) == digest
+
+
+def test_export_does_not_follow_a_planted_partial_link(run: Run, db: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "out.jsonl"
+    planted = tmp_path / "out.jsonl.partial"
+    planted.symlink_to(victim)
+    code, _, err = run("--db", db, "export", "-o", target)
+    assert (code, err) == (0, f"exported {FILLED.requests} requests to {target}\n")
+    assert victim.read_text() == "precious\n"
+    assert planted.is_symlink()  # left alone, not written through nor renamed
+    assert not target.is_symlink()
+    assert len(target.read_text("utf-8").splitlines()) == FILLED.requests
+    assert sorted(p.name for p in tmp_path.iterdir() if ".partial" in p.name) == [planted.name]
+
+
+def test_export_force_replaces_a_symlink_not_what_it_points_to(
+    run: Run, db: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "out.jsonl"
+    target.symlink_to(victim)
+    assert run("--db", db, "export", "-o", target)[0] == 1  # exists (as a link)
+    assert run("--db", db, "export", "-o", target, "--force")[0] == 0
+    assert victim.read_text() == "precious\n"
+    assert not target.is_symlink()
+
+
+def test_a_failed_export_leaves_the_target_and_no_temp_file(
+    run: Run, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp_session_store import exporting
+
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+
+    async def broken(*args: object) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exporting, "_export_to", broken)
+    code, _, err = run("--db", db, "export", "-o", target, "--force")
+    assert code == 1
+    assert "disk full" in err
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "store"]
+
+
+def test_backup_force_replaces_an_existing_copy(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "copy.db"
+    target.write_text("an old backup\n")
+    code, _, err = run("--db", db, "backup", target)
+    assert code == 1
+    assert "--force" in err
+    assert target.read_text() == "an old backup\n"
+    code, _out, err = run("--db", db, "backup", target, "--force")
+    assert (code, err) == (0, ""), err
+    assert rows(target) == rows(db)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db", "store"]
+
+
+def test_backup_does_not_follow_a_planted_link(run: Run, db: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "copy.db"
+    for name in ("copy.db.partial", "copy.db-journal", "copy.db-wal"):
+        (tmp_path / name).symlink_to(victim)
+    assert run("--db", db, "backup", target)[0] == 0
+    assert victim.read_text() == "precious\n"
+    assert rows(target) == rows(db)
 
 
 def test_export_pages_through_many_records(run: Run, db: Path) -> None:
