@@ -1,4 +1,7 @@
-"""The read-only query API: a bearer-protected aiohttp sub-application over a SessionManager.
+"""The query API: a bearer-protected aiohttp sub-application over a SessionManager.
+
+Read-only unless created with ``admin=True``, which adds the admin routes that change the
+store (``DELETE /sessions/{id}``).
 
 Mounted by the user (``app.add_subapp("/admin", store.query_app(token=...))``). Its JSON
 shapes come from views.py, which the CLI's ``--json`` output shares (docs/cli.md).
@@ -274,11 +277,15 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(503, "the session store is unavailable; retry shortly", "server_error")
 
 
-def create_query_app(manager: SessionManager, *, token: str) -> web.Application:
+def create_query_app(
+    manager: SessionManager, *, token: str, admin: bool = False
+) -> web.Application:
     """The query API over `manager`, for `app.add_subapp(prefix, ...)`.
 
     Every route needs ``Authorization: Bearer <token>``; `token` must be at least 16
     characters (generate one with ``python -c "import secrets; print(secrets.token_urlsafe())"``).
+    The routes only read, unless `admin` is true: then the admin routes that change the
+    store (``DELETE /sessions/{id}``) are served too. Without it they answer 405.
     """
     if not isinstance(token, str) or len(token.strip()) < MIN_TOKEN_LENGTH:
         raise ValueError(f"the query API token must be at least {MIN_TOKEN_LENGTH} characters")
@@ -289,7 +296,8 @@ def create_query_app(manager: SessionManager, *, token: str) -> web.Application:
     app[_TOKEN_KEY] = token.encode("utf-8")
     app.router.add_get("/sessions", _list_sessions)
     app.router.add_get("/sessions/{session_id}", _get_session)
-    app.router.add_delete("/sessions/{session_id}", _delete_session)
+    if admin:
+        app.router.add_delete("/sessions/{session_id}", _delete_session)
     app.router.add_get("/sessions/{session_id}/stats", _session_stats)
     app.router.add_get("/requests", _list_requests)
     app.router.add_get("/requests/{request_id}", _get_request)

@@ -185,7 +185,7 @@ class Admin:
 
 async def _admin(aiohttp_client: AiohttpClient, database: str | Backend) -> Admin:
     app, store = chat_app(database)
-    app.add_subapp("/admin", create_query_app(store.manager, token=TOKEN))
+    app.add_subapp("/admin", create_query_app(store.manager, token=TOKEN, admin=True))
     client = await aiohttp_client(app)
     await converse(client)
     await store.flush()
@@ -642,3 +642,27 @@ async def test_store_query_app_mounts(
     resp = await client.get("/admin/sessions", headers=AUTH)
     assert resp.status == 200
     assert (await resp.json())["total"] == 1
+
+
+@pytest.mark.parametrize("admin", [False, True])
+async def test_delete_is_an_admin_route(
+    aiohttp_client: AiohttpClient, db_path: Path, admin: bool
+) -> None:
+    app, store = chat_app(str(db_path))
+    app.add_subapp("/admin", store.query_app(token=TOKEN, admin=admin))
+    client = await aiohttp_client(app)
+    assert await post(client, "gpt-4o", HELLO) == 200
+    await store.flush()
+    session_id = generate_session_id(HELLO)
+    resp = await client.delete(f"/admin/sessions/{session_id}", headers=AUTH)
+    if admin:
+        assert resp.status == 200
+        assert await store.backend.get_session(session_id) is None
+        return
+    # Read-only by default: the route is not served, and nothing was deleted.
+    assert resp.status == 405
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    assert "DELETE" not in resp.headers["Allow"]
+    assert await store.backend.get_session(session_id) is not None
+    # Still behind the token, like every route.
+    assert (await client.delete(f"/admin/sessions/{session_id}")).status == 401
