@@ -426,6 +426,7 @@ def test_stats_json(run: Run, db: Path) -> None:
         "handler_error": 1,
     }
     assert stats["tokens"] == {"prompt": 50, "completion": 25, "total": 75}
+    assert stats["calls_without_usage"] == 2  # the upstream error and the handler error
     assert set(stats["duration_ms"]) == {"p50", "p95"}
     assert [m["model"] for m in stats["by_model"]] == ["gpt-4o", "qwen-max"]
     assert [m["requests"] for m in stats["by_model"]] == [4, 3]
@@ -444,6 +445,9 @@ def test_stats_table(run: Run, db: Path) -> None:
         ["qwen-max", "3", "2", "0", "0"],
         ["all", "7", "5", "0", "1"],
     ]
+    headers = re.split(r"\s{2,}", lines[0])
+    assert headers[9] == "NO USAGE"
+    assert [line.split()[9] for line in lines[1:]] == ["1", "1", "2"]
     assert run("--db", db, "stats", "--until", "2000-01-01") == (0, "no responses recorded\n", "")
 
 
