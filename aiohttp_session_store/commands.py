@@ -17,7 +17,7 @@ from .models import Exchange, RequestQuery, Session, SessionOrder, SessionQuery,
 from .stats import StatsReport, Summary, report
 from .terminal import clean, opt, relative, short, table, tokens, write_json
 from .timeparse import format_duration_ms, format_local
-from .views import exchange_json, last_user_text, reply_text, session_json
+from .views import exchange_json, last_user_text, reply_text, session_json, system_text
 
 __all__ = (
     "PROG",
@@ -122,10 +122,11 @@ def _indent(label: str, text: str | None) -> list[str]:
     if text is None:
         return [f"    {label:<6} -"]
     lines = clean(text, keep_newlines=True).expandtabs(4).split("\n")
-    return [f"    {label:<6} {lines[0]}"] + [f"           {line}" for line in lines[1:]]
+    head = f"    {label:<6} "
+    return [head + lines[0]] + [" " * len(head) + line for line in lines[1:]]
 
 
-def _show_exchange(n: int, exchange: Exchange) -> list[str]:
+def _show_exchange(n: int, exchange: Exchange, previous_system: str | None) -> list[str]:
     req, resp = exchange.request, exchange.response
     head = [
         f"#{n}",
@@ -143,6 +144,10 @@ def _show_exchange(n: int, exchange: Exchange) -> list[str]:
             f" (first byte {format_duration_ms(resp.first_byte_ms)})",
         ]
     lines = ["  ".join(head)]
+    # Clients resend the system prompt every turn: shown when it first appears or changes.
+    system = system_text(req.openai_request)
+    if system is not None and system != previous_system:
+        lines += _indent("system:", system)
     lines += _indent("user:", last_user_text(req.openai_request))
     if resp is not None:
         lines += _indent("reply:", reply_text(resp.openai_response))
@@ -173,9 +178,11 @@ async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
         lines = [f"session    {clean(args.session_id)} (row gone: expired or deleted)"]
     else:
         lines = _show_session(session, now)
+    previous_system = None
     for n, exchange in enumerate(exchanges, 1):
         lines.append("")
-        lines += _show_exchange(n, exchange)
+        lines += _show_exchange(n, exchange, previous_system)
+        previous_system = system_text(exchange.request.openai_request)
     out.write("\n".join(lines) + "\n")
     return 0
 

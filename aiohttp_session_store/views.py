@@ -14,7 +14,7 @@ from .hashing import content_text
 from .models import Exchange, RequestRecord, ResponseRecord, Session
 from .timeparse import format_iso
 
-__all__ = ("exchange_json", "last_user_text", "reply_text", "session_json")
+__all__ = ("exchange_json", "last_user_text", "reply_text", "session_json", "system_text")
 
 
 def _loads(text: str | None) -> Any:
@@ -35,6 +35,21 @@ def last_user_text(openai_request: str | None) -> str | None:
         if isinstance(message, Mapping) and message.get("role") == "user":
             return content_text(message.get("content"))
     return None
+
+
+def system_text(openai_request: str | None) -> str | None:
+    """The system prompt of a stored chat request body: the text of its `system` (and
+    `developer`) messages, joined by blank lines; None when it has none."""
+    body = _loads(openai_request)
+    if not isinstance(body, Mapping) or not isinstance(body.get("messages"), list):
+        return None
+    texts = [
+        content_text(m.get("content"))
+        for m in body["messages"]
+        if isinstance(m, Mapping) and m.get("role") in ("system", "developer")
+    ]
+    found = [t for t in texts if t]
+    return "\n\n".join(found) if found else None
 
 
 def reply_text(openai_response: str | None) -> str | None:
@@ -120,6 +135,7 @@ def exchange_json(exchange: Exchange, *, bodies: bool = False) -> dict[str, Any]
         "model": request.model,
         "stream": request.stream,
         "user_message": last_user_text(request.openai_request),
+        "system_prompt": system_text(request.openai_request),
     }
     if bodies:
         out["headers"] = _headers(request.headers)

@@ -261,10 +261,11 @@ def test_show_transcript(run: Run, db: Path) -> None:
     first = lines.index(next(line for line in lines if line.startswith("#1 ")))
     assert "qwen-max  stream  200 completed  tokens 10/5/15" in lines[first]
     assert "first byte" in lines[first]
+    assert lines[first + 1] == "    system: Be brief."
     # The whole first message, its newline kept as a continuation line.
-    assert lines[first + 1] == "    user:  Write a haiku about the sea"
-    assert lines[first + 2] == "           with a second line, so that it is longer than forty"
-    assert lines[first + 3] == "    reply: " + "".join(STREAM_PIECES)
+    assert lines[first + 2] == "    user:  Write a haiku about the sea"
+    assert lines[first + 3] == "           with a second line, so that it is longer than forty"
+    assert lines[first + 4] == "    reply: " + "".join(STREAM_PIECES)
     assert any(line.startswith("#2 ") for line in lines)
     assert "    user:  Another one" in lines
 
@@ -284,6 +285,74 @@ def test_show_json(run: Run, db: Path) -> None:
         assert isinstance(response["duration_ms"], int)
         assert "openai_response" not in response
     assert turns[1]["response"]["parent_id"] == "msg-2"
+
+
+def _requests(*bodies: dict[str, Any], session: str = "sys-session") -> WriteBatch:
+    t = now_ms() - 10_000
+    return WriteBatch(
+        requests=[
+            RequestRecord(
+                f"{session}-{i}",
+                session,
+                t + i,
+                "POST",
+                "/v1/chat/completions",
+                "m",
+                False,
+                json.dumps(body),
+                None,
+                "{}",
+                t + i,
+            )
+            for i, body in enumerate(bodies)
+        ]
+    )
+
+
+def write(db: Path, batch: WriteBatch) -> None:
+    async def go() -> None:
+        backend = backend_from_url(str(db))
+        await backend.open()
+        try:
+            await backend.write_batch(batch)
+        finally:
+            await backend.close()
+
+    asyncio.run(go())
+
+
+def test_show_gives_the_system_prompt_when_it_appears_or_changes(run: Run, db: Path) -> None:
+    system = {"role": "system", "content": "You are terse.\nAnswer in French."}
+    write(
+        db,
+        _requests(
+            {"messages": [system, {"role": "user", "content": "hi"}]},
+            {"messages": [system, {"role": "user", "content": "again"}]},
+            {"messages": [{"role": "developer", "content": "Now English."}]},
+        ),
+    )
+    code, out, _ = run("--db", db, "show", "sys-session")
+    assert code == 0
+    lines = out.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("#1 ")))
+    assert lines[first + 1 : first + 4] == [
+        "    system: You are terse.",
+        "            Answer in French.",
+        "    user:  hi",
+    ]
+    # Resent unchanged on turn 2: not repeated; changed on turn 3: shown again.
+    assert [line for line in lines if line.startswith("    system:")] == [
+        "    system: You are terse.",
+        "    system: Now English.",
+    ]
+    turns = run_json(run, "--db", db, "show", "sys-session")["requests"]
+    assert [t["system_prompt"] for t in turns] == [
+        "You are terse.\nAnswer in French.",
+        "You are terse.\nAnswer in French.",
+        "Now English.",
+    ]
+    write(db, _requests({"messages": [{"role": "user", "content": "no system"}]}, session="bare"))
+    assert run_json(run, "--db", db, "show", "bare")["requests"][0]["system_prompt"] is None
 
 
 def test_show_errors_and_outcomes(run: Run, db: Path) -> None:
@@ -370,6 +439,7 @@ def test_requests_json(run: Run, db: Path) -> None:
         "model",
         "stream",
         "user_message",
+        "system_prompt",
         "response",
     }
     assert set(listed[0]["response"]) == {
