@@ -26,7 +26,7 @@ from .commands import (
     cmd_stats,
 )
 from .errors import StoreError
-from .exporting import cmd_export
+from .exporting import EXPORT_FORMATS, cmd_export
 from .maintenance import cmd_backup, cmd_migrate, cmd_sweep
 from .models import SESSION_ORDERS, now_ms
 from .timeparse import parse_duration, parse_time
@@ -170,8 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     filters(sub)
     sub.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
     force(sub)
-    # Accepted so that every listing takes --json: the export is JSON lines either way.
-    sub.add_argument("--json", action="store_true", help="JSON lines (always; for symmetry)")
+    sub.add_argument(
+        "--format",
+        choices=tuple(EXPORT_FORMATS),
+        default="exchanges",
+        help="exchanges: one call per line, bodies included; openai-chat: one"
+        ' {"messages": [...]} line per completed chat turn (default: %(default)s)',
+    )
+    # The export is JSON lines either way; with --output, --json puts the summary on stdout.
+    sub.add_argument("--json", action="store_true", help="with --output: a JSON summary")
 
     sub = command("migrate", cmd_migrate, "bring the schema up to date")
     sub.add_argument("--list", action="store_true", help="show pending migrations; change nothing")

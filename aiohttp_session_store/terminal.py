@@ -7,12 +7,13 @@ terminal.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import IO, Any, Final
 
 from .timeparse import format_duration_ms
 
-__all__ = ("clean", "opt", "relative", "short", "table", "tokens", "write_json")
+__all__ = ("Progress", "clean", "opt", "relative", "short", "table", "tokens", "write_json")
 
 _BIDI_CONTROLS: Final = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
@@ -92,3 +93,54 @@ def tokens(prompt: int | None, completion: int | None, total: int | None) -> str
 def write_json(out: IO[str], value: Any) -> None:
     """`value` as indented JSON, text kept as is (not \\u-escaped)."""
     out.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+class Progress:
+    """A one-line progress indicator for a long command, redrawn in place on `stream`.
+
+    Silent unless `stream` is a terminal, so logs and pipes get no carriage returns; redrawn
+    at most every `interval` seconds of `clock`, so a fast loop does not flood the terminal.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str],
+        label: str,
+        total: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = 0.2,
+    ) -> None:
+        self.active = _isatty(stream)
+        self._stream = stream
+        self._label = label
+        self._total = total
+        self._clock = clock
+        self._interval = interval
+        self._drawn_at: float | None = None
+
+    def update(self, done: int) -> None:
+        if not self.active:
+            return
+        now = self._clock()
+        if self._drawn_at is not None and now - self._drawn_at < self._interval:
+            return
+        self._drawn_at = now
+        text = f"{self._label} {done:,}"
+        if self._total:
+            text += f"/{self._total:,} ({min(100, done * 100 // self._total)}%)"
+        self._stream.write(f"\r{text}\x1b[K")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        """Erase the line (the command prints its own summary)."""
+        if self.active and self._drawn_at is not None:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed, or not a real file
+        return False

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from .hashing import content_text
 from .models import Exchange, RequestRecord, ResponseRecord, Session
 from .timeparse import format_iso
 
-__all__ = ("exchange_json", "last_user_text", "reply_text", "session_json", "system_text")
+__all__ = (
+    "body_json",
+    "exchange_json",
+    "last_user_text",
+    "openai_chat_json",
+    "reply_text",
+    "session_json",
+    "system_text",
+)
 
 
 def _loads(text: str | None) -> Any:
@@ -95,9 +103,15 @@ def session_json(session: Session, *, now: int) -> dict[str, Any]:
     }
 
 
-def _headers(text: str | None) -> Any:
-    parsed = _loads(text)
-    return parsed if parsed is not None else text
+def body_json(text: str | None) -> Any:
+    """A stored body as a JSON value: parsed when the stored text is JSON (a body cut at
+    `max_body_bytes` is stored as a JSON envelope, so it parses too), else the text itself."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def _response_json(response: ResponseRecord, *, bodies: bool) -> dict[str, Any]:
@@ -117,14 +131,14 @@ def _response_json(response: ResponseRecord, *, bodies: bool) -> dict[str, Any]:
         "reply": reply_text(response.openai_response),
     }
     if bodies:
-        out["openai_response"] = response.openai_response
-        out["upstream_response"] = response.upstream_response
+        out["openai_response"] = body_json(response.openai_response)
+        out["upstream_response"] = body_json(response.upstream_response)
     return out
 
 
 def exchange_json(exchange: Exchange, *, bodies: bool = False) -> dict[str, Any]:
-    """A request with its response (null while in flight). `bodies` adds the stored bodies
-    (as the text stored, not parsed: a truncated body is not JSON) and the headers."""
+    """A request with its response (null while in flight). `bodies` adds the headers and the
+    stored bodies, as JSON values (see `body_json`)."""
     request: RequestRecord = exchange.request
     out: dict[str, Any] = {
         "request_id": request.request_id,
@@ -138,10 +152,48 @@ def exchange_json(exchange: Exchange, *, bodies: bool = False) -> dict[str, Any]
         "system_prompt": system_text(request.openai_request),
     }
     if bodies:
-        out["headers"] = _headers(request.headers)
-        out["openai_request"] = request.openai_request
-        out["upstream_request"] = request.upstream_request
+        out["headers"] = body_json(request.headers)
+        out["openai_request"] = body_json(request.openai_request)
+        out["upstream_request"] = body_json(request.upstream_request)
     out["response"] = (
         None if exchange.response is None else _response_json(exchange.response, bodies=bodies)
     )
+    return out
+
+
+#: What an assistant message keeps in `openai_chat_json` (fine-tuning formats take no more).
+_ASSISTANT_KEYS: Final = ("content", "tool_calls", "refusal")
+
+
+def openai_chat_json(exchange: Exchange) -> dict[str, Any] | None:
+    """One completed turn as ``{"messages": [...the request's..., assistant reply]}`` (plus
+    the request's `tools`, if any), the line format of OpenAI's evaluation and fine-tuning
+    files. None for a call that is not a whole, successful chat turn: not completed, no
+    2xx, a body cut at `max_body_bytes`, or no assistant message in the reply."""
+    response = exchange.response
+    if response is None or response.outcome != "completed":
+        return None
+    if response.status_code is None or not 200 <= response.status_code < 300:
+        return None
+    request = _loads(exchange.request.openai_request)
+    reply = _loads(response.openai_response)
+    if not isinstance(request, Mapping) or not isinstance(reply, Mapping):
+        return None
+    messages = request.get("messages")
+    choices = reply.get("choices")
+    if not isinstance(messages, list) or not messages or not isinstance(choices, list):
+        return None
+    first = choices[0] if choices else None
+    message = first.get("message") if isinstance(first, Mapping) else None
+    if not isinstance(message, Mapping):
+        return None
+    assistant: dict[str, Any] = {"role": "assistant"}
+    for key in _ASSISTANT_KEYS:
+        if message.get(key) is not None:
+            assistant[key] = message[key]
+    if "content" not in assistant and "tool_calls" not in assistant:
+        return None
+    out: dict[str, Any] = {"messages": [*messages, assistant]}
+    if isinstance(request.get("tools"), list):
+        out["tools"] = request["tools"]
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -531,9 +533,10 @@ def test_export_to_stdout(run: Run, db: Path) -> None:
     assert len(lines) == FILLED.requests
     assert lines[0]["user_message"] == HELLO  # oldest first
     first = lines[0]
-    assert json.loads(first["openai_request"])["messages"][-1]["content"] == HELLO
+    # Bodies are JSON values (`jq .openai_request.model` works, no `fromjson`).
+    assert first["openai_request"]["messages"][-1]["content"] == HELLO
     assert first["headers"]["Authorization"] == "[REDACTED]"
-    assert json.loads(first["response"]["openai_response"])["choices"][0]["message"] == {
+    assert first["response"]["openai_response"]["choices"][0]["message"] == {
         "role": "assistant",
         "content": f"echo: {HELLO}",
     }
@@ -546,6 +549,120 @@ def test_export_takes_json_like_every_listing(run: Run, db: Path) -> None:
     with_flag = run("--db", db, "export", "--json")
     assert with_flag[0] == 0
     assert with_flag[1] == plain[1]
+
+
+def test_export_keeps_bodies_that_are_not_json_as_text(run: Run, db: Path) -> None:
+    cut = json.dumps({"truncated": True, "original_bytes": 9, "prefix": '{"mess'})
+    batch = _requests({}, session="odd")
+    batch.requests[0] = replace(batch.requests[0], openai_request="not json {")
+    batch.requests.append(replace(batch.requests[0], request_id="odd-cut", openai_request=cut))
+    write(db, batch)
+    lines = [
+        json.loads(line) for line in run("--db", db, "export", "--session", "odd")[1].splitlines()
+    ]
+    assert [line["openai_request"] for line in lines] == [
+        "not json {",
+        {"truncated": True, "original_bytes": 9, "prefix": '{"mess'},
+    ]
+
+
+def test_export_openai_chat_format(run: Run, db: Path) -> None:
+    code, out, err = run("--db", db, "export", "--format", "openai-chat")
+    assert (code, err) == (0, "")
+    lines = [json.loads(line) for line in out.splitlines()]
+    # The four completed chat turns; the call without a user message is a turn too (its
+    # request has messages and its reply an assistant message); errors are not.
+    assert len(lines) == 5
+    assert all(list(line) == ["messages"] for line in lines)
+    second = lines[1]["messages"]
+    assert [m["role"] for m in second][-2:] == ["user", "assistant"]
+    assert second[-2]["content"] == "Tell me more"
+    assert second[-1] == {"role": "assistant", "content": "echo: Tell me more"}
+    streamed = lines[2]["messages"]
+    assert streamed[-1] == {"role": "assistant", "content": "".join(STREAM_PIECES)}
+    assert streamed[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_export_openai_chat_keeps_tool_calls_and_tools(run: Run, db: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    batch = _requests({"messages": [{"role": "user", "content": "use f"}], "tools": tools})
+    reply = {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ]
+    }
+    t = now_ms()
+    batch.responses.append(
+        ResponseRecord(
+            "r-tool",
+            "sys-session-0",
+            "sys-session",
+            t,
+            200,
+            "completed",
+            json.dumps(reply),
+            None,
+            None,
+            1,
+            1,
+            2,
+            "tool_calls",
+            None,
+            5,
+            5,
+            t,
+        )
+    )
+    write(db, batch)
+    out = run("--db", db, "export", "--format", "openai-chat", "--session", "sys-session")[1]
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {
+            "messages": [
+                {"role": "user", "content": "use f"},
+                {"role": "assistant", "tool_calls": [call]},
+            ],
+            "tools": tools,
+        }
+    ]
+
+
+def test_export_to_a_file_summarises(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "turns.jsonl"
+    code, out, err = run("--db", db, "export", "--format", "openai-chat", "-o", target)
+    assert (code, out) == (0, "")
+    assert err == (
+        f"exported 5 conversation turns to {target} (2 of 7 calls were not completed chat turns)\n"
+    )
+    summary = run_json(run, "--db", db, "export", "-o", tmp_path / "all.jsonl")
+    assert summary == {
+        "path": str(tmp_path / "all.jsonl"),
+        "format": "exchanges",
+        "lines": FILLED.requests,
+        "calls": FILLED.requests,
+    }
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_export_shows_progress_on_a_terminal_only(
+    run: Run, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "out.jsonl"
+    assert run("--db", db, "export", "-o", target)[2] == f"exported 7 requests to {target}\n"
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert run("--db", db, "export", "-o", target, "--force")[0] == 0
+    shown = tty.getvalue()
+    assert "\rexporting: calls read 7/7 (100%)\x1b[K" in shown
+    # The line is erased before the summary, so only the summary stays on screen.
+    assert shown.endswith(f"\r\x1b[Kexported 7 requests to {target}\n")
 
 
 def test_backup_creates_missing_parent_directories(run: Run, db: Path, tmp_path: Path) -> None:

@@ -429,12 +429,13 @@ async def test_get_request_with_its_response_and_bodies(admin: Admin) -> None:
     assert status == 200
     assert body["request_id"] == request_id
     assert body["stream"] is True
-    assert json.loads(body["openai_request"])["messages"][-1]["content"] == STORY
+    # Bodies are JSON values, not JSON text inside JSON.
+    assert body["openai_request"]["messages"][-1]["content"] == STORY
     assert body["headers"]["Authorization"] == "[REDACTED]"
     response = body["response"]
     assert response["reply"] == "".join(STREAM_PIECES)
     assert response["finish_reason"] == "stop"
-    assert json.loads(response["openai_response"])["object"] == "chat.completion"
+    assert response["openai_response"]["object"] == "chat.completion"
     assert response["first_byte_ms"] is not None
     status, body = await admin.get("/requests/nope")
     assert (status, body["error"]["type"]) == (404, "not_found_error")
