@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AGE",
         help="also delete requests and responses older than AGE (e.g. 30d)",
     )
+    json_flag(sub)
 
     sub = command("export", cmd_export, "requests with their responses as JSON lines")
     filters(sub)
@@ -182,10 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("migrate", cmd_migrate, "bring the schema up to date")
     sub.add_argument("--list", action="store_true", help="show pending migrations; change nothing")
+    json_flag(sub)
 
     sub = command("backup", cmd_backup, "a consistent copy of the store, even while in use")
     sub.add_argument("path", metavar="PATH", help="a new file (replaced only with --force)")
     force(sub)
+    json_flag(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import IO
 
@@ -11,10 +12,11 @@ from .commands import PROG, CliError, reader
 from .config import StoreConfig
 from .errors import DatabaseNotFoundError, SchemaVersionError
 from .manager import SessionManager
-from .migrations import MIGRATIONS, latest_version
+from .migrations import MIGRATIONS, Migration, latest_version
 from .models import RequestQuery, now_ms
 from .safefile import check_target, place, private_dir
-from .timeparse import format_duration_ms, format_local
+from .terminal import Progress, write_json
+from .timeparse import format_duration_ms, format_iso, format_local
 
 __all__ = ("cmd_backup", "cmd_migrate", "cmd_sweep")
 
@@ -32,9 +34,30 @@ async def cmd_sweep(args: argparse.Namespace, out: IO[str]) -> int:
         manager = SessionManager(
             backend_from_url(args.db), config=StoreConfig(log_retention=retention)
         )
-        async with manager:
-            expired = await manager.cleanup()
-            old = await manager.purge_records() if retention is not None else None
+        # A large purge takes a while in bounded batches: say so on a terminal.
+        status = Progress(
+            sys.stderr,
+            "sweeping: expired sessions" + ("" if retention is None else " and old records"),
+        )
+        status.show()
+        try:
+            async with manager:
+                expired = await manager.cleanup()
+                old = await manager.purge_records() if retention is not None else None
+        finally:
+            status.finish()
+    if args.json:
+        write_json(
+            out,
+            {
+                "dry_run": args.dry_run,
+                "expired_sessions": expired,
+                "old_requests": old,
+                "retention_ms": None if retention is None else round(retention * 1000),
+                "cutoff": None if cutoff is None else format_iso(cutoff),
+            },
+        )
+        return 0
     done = "to delete" if args.dry_run else "deleted"
     out.write(f"expired sessions {done}: {expired}\n")
     if retention is None or cutoff is None:
@@ -80,6 +103,12 @@ async def cmd_migrate(args: argparse.Namespace, out: IO[str]) -> int:
                 f" which version it is at; run `{PROG} --db ... migrate` to bring it to {latest}"
             )
         pending = [m for m in MIGRATIONS if m.version > version]
+        if args.json:
+            write_json(
+                out,
+                {"schema_version": version, "latest": latest, "pending": _migrations(pending)},
+            )
+            return 0
         out.write(f"schema version {version}; this package's latest is {latest}\n")
         for m in pending:
             out.write(f"pending  {m.version}  {m.name}\n")
@@ -93,15 +122,29 @@ async def cmd_migrate(args: argparse.Namespace, out: IO[str]) -> int:
         after = await backend.schema_version()
     finally:
         await backend.close()
-    if before is None:
+    applied = None if before is None else [m for m in MIGRATIONS if before < m.version <= after]
+    if args.json:
+        write_json(
+            out,
+            {
+                "schema_version": after,
+                "previous": before,
+                "applied": None if applied is None else _migrations(applied),
+            },
+        )
+        return 0
+    if applied is None:
         out.write(f"migrated to schema version {after}\n")
         return 0
-    for m in MIGRATIONS:
-        if before < m.version <= after:
-            out.write(f"applied  {m.version}  {m.name}\n")
+    for m in applied:
+        out.write(f"applied  {m.version}  {m.name}\n")
     suffix = " (already up to date)" if before == after else ""
     out.write(f"schema version {after}{suffix}\n")
     return 0
+
+
+def _migrations(items: list[Migration]) -> list[dict[str, object]]:
+    return [{"version": m.version, "name": m.name} for m in items]
 
 
 async def cmd_backup(args: argparse.Namespace, out: IO[str]) -> int:
@@ -122,5 +165,8 @@ async def cmd_backup(args: argparse.Namespace, out: IO[str]) -> int:
             sessions = await copy.count_sessions()
             requests = await copy.count_requests(RequestQuery())
         place(copy_path, target, force=args.force)
-    out.write(f"backed up {sessions} sessions and {requests} requests to {args.path}\n")
+    if args.json:
+        write_json(out, {"path": str(target), "sessions": sessions, "requests": requests})
+    else:
+        out.write(f"backed up {sessions} sessions and {requests} requests to {args.path}\n")
     return 0

@@ -120,15 +120,23 @@ class Progress:
         self._drawn_at: float | None = None
 
     def update(self, done: int) -> None:
+        """Show `done` (of the total, if known)."""
+        text = f"{self._label} {done:,}"
+        if self._total:
+            text += f"/{self._total:,} ({min(100, done * 100 // self._total)}%)"
+        self._draw(text)
+
+    def show(self) -> None:
+        """Show the label alone: work under way whose size is not known."""
+        self._draw(f"{self._label}…")
+
+    def _draw(self, text: str) -> None:
         if not self.active:
             return
         now = self._clock()
         if self._drawn_at is not None and now - self._drawn_at < self._interval:
             return
         self._drawn_at = now
-        text = f"{self._label} {done:,}"
-        if self._total:
-            text += f"/{self._total:,} ({min(100, done * 100 // self._total)}%)"
         self._stream.write(f"\r{text}\x1b[K")
         self._stream.flush()
 

@@ -831,6 +831,37 @@ def test_export_pages_through_many_records(run: Run, db: Path) -> None:
 # -- sweep -----------------------------------------------------------------------------------------
 
 
+def test_sweep_json(run: Run, db: Path) -> None:
+    asyncio.run(add_history(str(db)))
+    dry = run_json(run, "--db", db, "sweep", "--dry-run", "--retention", "30d")
+    assert ISO_RE.fullmatch(dry.pop("cutoff"))
+    assert dry == {
+        "dry_run": True,
+        "expired_sessions": 1,
+        "old_requests": 1,
+        "retention_ms": 30 * DAY,
+    }
+    done = run_json(run, "--db", db, "sweep")
+    assert done == {
+        "dry_run": False,
+        "expired_sessions": 1,
+        "old_requests": None,
+        "retention_ms": None,
+        "cutoff": None,
+    }
+    assert run_json(run, "--db", db, "sweep", "--retention", "30d")["old_requests"] == 1
+
+
+def test_sweep_says_it_is_working_on_a_terminal_only(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run("--db", db, "sweep", "--retention", "30d")[2] == ""
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert run("--db", db, "sweep", "--retention", "30d")[0] == 0
+    assert tty.getvalue() == "\rsweeping: expired sessions and old records…\x1b[K\r\x1b[K"
+
+
 def test_sweep_dry_run_changes_nothing(run: Run, db: Path) -> None:
     asyncio.run(add_history(str(db)))
     before, digest = rows(db), sha256(db)
@@ -899,6 +930,27 @@ def test_migrate_creates_and_is_idempotent(run: Run, tmp_path: Path) -> None:
     assert run("--db", new, "migrate", "--list")[1].endswith("nothing to migrate\n")
 
 
+def test_migrate_json(run: Run, tmp_path: Path) -> None:
+    new = tmp_path / "sessions.db"
+    everything = [{"version": m.version, "name": m.name} for m in MIGRATIONS]
+    assert run_json(run, "--db", new, "migrate") == {
+        "schema_version": LATEST,
+        "previous": 0,
+        "applied": everything,
+    }
+    assert run_json(run, "--db", new, "migrate") == {
+        "schema_version": LATEST,
+        "previous": LATEST,
+        "applied": [],
+    }
+    listed = run_json(run, "--db", new, "migrate", "--list")
+    assert listed == {"schema_version": LATEST, "latest": LATEST, "pending": []}
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    listed = run_json(run, "--db", empty, "migrate", "--list")
+    assert listed == {"schema_version": 0, "latest": LATEST, "pending": everything}
+
+
 def test_migrate_list_on_an_older_schema_changes_nothing(run: Run, tmp_path: Path) -> None:
     # An empty file is a SQLite database at schema version 0.
     empty = tmp_path / "empty.db"
@@ -919,6 +971,36 @@ def test_migrate_refuses_a_foreign_file(run: Run, tmp_path: Path) -> None:
         assert code == 1
         assert "not a SQLite database" in err
     assert foreign.read_text() == "not a database\n"
+
+
+def test_backup_json(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "copy.db"
+    assert run_json(run, "--db", db, "backup", target) == {
+        "path": str(target),
+        "sessions": FILLED.sessions,
+        "requests": FILLED.requests,
+    }
+
+
+def test_every_command_takes_json(run: Run, db: Path, tmp_path: Path) -> None:
+    from aiohttp_session_store.cli import build_parser
+
+    commands = next(a.choices for a in build_parser()._actions if isinstance(a.choices, dict))
+    names = set(commands)
+    argv: dict[str, list[str | Path]] = {
+        "sessions": ["sessions"],
+        "show": ["show", FILLED.hello],
+        "requests": ["requests"],
+        "stats": ["stats"],
+        "export": ["export", "-o", tmp_path / "e.jsonl"],
+        "sweep": ["sweep", "--dry-run"],
+        "migrate": ["migrate", "--list"],
+        "backup": ["backup", tmp_path / "b.db"],
+    }
+    assert names == set(argv)  # a new command must be added here, with its --json
+    for name, args in argv.items():
+        value = run_json(run, "--db", db, *args)
+        assert isinstance(value, (dict, list)), name
 
 
 def test_backup(run: Run, db: Path, tmp_path: Path) -> None:
