@@ -15,7 +15,7 @@ from .backends import backend_from_url
 from .backends.base import Backend
 from .models import Exchange, RequestQuery, Session, SessionOrder, SessionQuery, now_ms
 from .stats import StatsReport, Summary, report
-from .terminal import clean, opt, relative, short, table, tokens, write_json
+from .terminal import clean, opt, relative, short, table, terminal_width, tokens, write_json
 from .timeparse import format_duration_ms, format_local
 from .views import exchange_json, last_user_text, reply_text, session_json, system_text
 
@@ -97,7 +97,10 @@ async def cmd_sessions(args: argparse.Namespace, out: IO[str]) -> int:
         for s in sessions
     ]
     headers = ["ID", "CHAT", "PARENT", "MSGS", "CREATED", "LAST USED", "EXPIRES", "FIRST MESSAGE"]
-    out.write("\n".join(table(headers, rows, right=frozenset({3}))) + "\n")
+    lines = table(
+        headers, rows, right=frozenset({3}), width=terminal_width(out), fit=frozenset({1, 2, 7})
+    )
+    out.write("\n".join(lines) + "\n")
     return 0
 
 
@@ -225,7 +228,14 @@ async def cmd_requests(args: argparse.Namespace, out: IO[str]) -> int:
         "FIRST BYTE",
         "USER MESSAGE",
     ]
-    out.write("\n".join(table(headers, rows, right=frozenset({4, 6, 7, 8}))) + "\n")
+    lines = table(
+        headers,
+        rows,
+        right=frozenset({4, 6, 7, 8}),
+        width=terminal_width(out),
+        fit=frozenset({2, 9}),
+    )
+    out.write("\n".join(lines) + "\n")
     return 0
 
 
@@ -246,7 +256,7 @@ def _stats_row(name: str, s: Summary) -> list[str]:
     ]
 
 
-def _stats_lines(stats: StatsReport) -> list[str]:
+def _stats_lines(stats: StatsReport, width: int | None) -> list[str]:
     headers = [
         "MODEL",
         "CALLS",
@@ -265,7 +275,9 @@ def _stats_lines(stats: StatsReport) -> list[str]:
     ]
     rows = [_stats_row(short(m, 32) if m else "(none)", s) for m, s in stats.by_model]
     rows.append(_stats_row("all", stats.overall))
-    return table(headers, rows, right=frozenset(range(1, len(headers))))
+    return table(
+        headers, rows, right=frozenset(range(1, len(headers))), width=width, fit=frozenset({0})
+    )
 
 
 async def cmd_stats(args: argparse.Namespace, out: IO[str]) -> int:
@@ -277,5 +289,5 @@ async def cmd_stats(args: argparse.Namespace, out: IO[str]) -> int:
     elif not stats.overall.requests:
         out.write("no responses recorded\n")
     else:
-        out.write("\n".join(_stats_lines(stats)) + "\n")
+        out.write("\n".join(_stats_lines(stats, terminal_width(out))) + "\n")
     return 0

@@ -7,13 +7,26 @@ terminal.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Final
 
 from .timeparse import format_duration_ms
 
-__all__ = ("Progress", "clean", "opt", "relative", "short", "table", "tokens", "write_json")
+__all__ = (
+    "MIN_CUT_WIDTH",
+    "Progress",
+    "clean",
+    "opt",
+    "relative",
+    "short",
+    "table",
+    "terminal_width",
+    "tokens",
+    "write_json",
+)
 
 _BIDI_CONTROLS: Final = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
@@ -56,18 +69,67 @@ def short(text: str | None, width: int) -> str:
 
 
 def table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    right: frozenset[int] = frozenset(),
+    *,
+    width: int | None = None,
+    fit: frozenset[int] = frozenset(),
 ) -> list[str]:
-    """Aligned columns, two spaces apart; the columns in `right` are right-aligned."""
+    """Aligned columns, two spaces apart; the columns in `right` are right-aligned.
+
+    With a `width`, lines longer than it are shortened by cutting the widest of the `fit`
+    columns first (free text: messages, models), never below `MIN_CUT_WIDTH`; the other
+    columns (ids, times, numbers) are never cut, so a table may still be wider.
+    """
     widths = [max(len(r[i]) for r in (headers, *rows)) for i in range(len(headers))]
+    if width is not None:
+        widths = _fitted(widths, width, fit)
     lines = []
     for row in (headers, *rows):
         cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            _cut(cell, widths[i]).rjust(widths[i])
+            if i in right
+            else _cut(cell, widths[i]).ljust(widths[i])
             for i, cell in enumerate(row)
         ]
         lines.append("  ".join(cells).rstrip())
     return lines
+
+
+#: The narrowest a column is cut to (an ellipsis included).
+MIN_CUT_WIDTH: Final = 8
+
+
+def _fitted(widths: list[int], width: int, fit: frozenset[int]) -> list[int]:
+    widths = list(widths)
+    excess = sum(widths) + 2 * (len(widths) - 1) - width
+    while excess > 0:
+        cuttable = [i for i in fit if widths[i] > MIN_CUT_WIDTH]
+        if not cuttable:
+            break
+        widest = max(cuttable, key=lambda i: (widths[i], i))
+        others = [widths[i] for i in cuttable if i != widest]
+        # Down to the next widest (so the widest columns end level), at least by one.
+        step = max(1, min(excess, widths[widest] - max([MIN_CUT_WIDTH, *others])))
+        widths[widest] -= step
+        excess -= step
+    return widths
+
+
+def _cut(cell: str, width: int) -> str:
+    return cell if len(cell) <= width else cell[: width - 1] + "…"
+
+
+def terminal_width(stream: IO[str]) -> int | None:
+    """How wide tables written to `stream` may be: `COLUMNS` if set, else the terminal's
+    width when `stream` is a terminal, else None (a pipe or a file: no limit)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isascii() and columns.isdecimal() and int(columns) > 0:
+        return int(columns)
+    if _isatty(stream):
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def relative(ms: int, now: int) -> str:

@@ -142,7 +142,9 @@ def db(template: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
+def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
+    monkeypatch.delenv("COLUMNS", raising=False)  # tables are cut only where a test says so
+
     def run(*argv: str | Path) -> tuple[int, str, str]:
         code = main([str(a) for a in argv])
         out, err = capsys.readouterr()
@@ -197,6 +199,62 @@ def test_sessions_table(run: Run, db: Path) -> None:
     story = next(line for line in lines if line.startswith(FILLED.story))
     # Shortened to one line of 40 characters, the newline gone.
     assert story.endswith("Write a haiku about the sea with a seco…")
+
+
+@pytest.mark.parametrize("command", [["sessions"], ["requests"]])
+def test_tables_fit_columns(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    wide = run("--db", db, *command)[1].splitlines()
+    width = max(len(line) for line in wide) - 10
+    monkeypatch.setenv("COLUMNS", str(width))
+    code, out, _ = run("--db", db, *command)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == len(wide)
+    assert max(len(line) for line in lines) <= width
+    assert any("…" in line for line in lines)
+    # Ids are never cut: they are what `show` and `--session` take.
+    assert {FILLED.hello, FILLED.story} <= {word for line in lines for word in line.split()}
+
+
+def test_stats_table_cuts_long_model_names_to_fit(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = "a-very-long-fine-tuned-model-name-2026-11-24-with-a-suffix"
+    batch = _requests({"model": model, "messages": []}, session="long")
+    batch.requests[0] = replace(batch.requests[0], model=model)
+    t = now_ms()
+    batch.responses.append(
+        ResponseRecord(
+            "r-long",
+            "long-0",
+            "long",
+            t,
+            200,
+            "completed",
+            "{}",
+            None,
+            None,
+            None,
+            None,
+            None,
+            "stop",
+            None,
+            5,
+            5,
+            t,
+        )
+    )
+    write(db, batch)
+    wide = run("--db", db, "stats")[1].splitlines()
+    assert wide[1].split()[0] == model[:31] + "…"  # the stats table's own cap
+    width = max(len(line) for line in wide) - 15
+    monkeypatch.setenv("COLUMNS", str(width))
+    lines = run("--db", db, "stats")[1].splitlines()
+    assert max(len(line) for line in lines) <= width
+    names = [line.split()[0] for line in lines]
+    assert names == ["MODEL", model[:16] + "…", "gpt-4o", "qwen-max", "all"]
 
 
 def test_sessions_json(run: Run, db: Path) -> None:
