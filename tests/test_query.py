@@ -384,6 +384,7 @@ async def test_list_requests(admin: Admin) -> None:
         "model",
         "stream",
         "user_message",
+        "system_prompt",
         "response",
     }
     assert first["session_id"] == FILLED.hello
