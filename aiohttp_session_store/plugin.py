@@ -48,14 +48,15 @@ class SessionStore:
     async def open(self) -> None:
         await self.manager.open()
 
-    def query_app(self, *, token: str) -> web.Application:
-        """A read-only JSON API over this store, to mount with `app.add_subapp`.
+    def query_app(self, *, token: str, admin: bool = False) -> web.Application:
+        """A JSON API over this store, to mount with `app.add_subapp`.
 
-        Every request needs `Authorization: Bearer <token>`.
+        Every request needs `Authorization: Bearer <token>`. Read-only unless `admin` is
+        true, which adds the admin routes that change the store (`DELETE /sessions/{id}`).
         """
         from .query import create_query_app
 
-        return create_query_app(self.manager, token=token)
+        return create_query_app(self.manager, token=token, admin=admin)
 
     async def flush(self) -> None:
         """Wait until every record and session change queued so far is committed."""

@@ -1,8 +1,10 @@
-"""The read-only query API: a bearer-protected aiohttp sub-application over a SessionManager.
+"""The query API: a bearer-protected aiohttp sub-application over a SessionManager.
 
-Mounted by the user (``app.add_subapp("/admin", store.query_app(token=...))``). Also home of
-the JSON forms of sessions, exchanges and statistics, which the CLI's ``--json`` output
-shares, so both speak one documented format (docs/cli.md).
+Read-only unless created with ``admin=True``, which adds the admin routes that change the
+store (``DELETE /sessions/{id}``).
+
+Mounted by the user (``app.add_subapp("/admin", store.query_app(token=...))``). Its JSON
+shapes come from views.py, which the CLI's ``--json`` output shares (docs/cli.md).
 
 Reads go straight to the database and never wait for the record writer: a call that has
 just finished appears within `StoreConfig.flush_interval` (50 ms by default). Waiting for a
@@ -13,40 +15,28 @@ hang exactly when storage is failing and it is most needed.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import timezone
 from typing import Any, Final, Literal, NoReturn, cast
 
 from aiohttp import web
 
 from .errors import StoreError
-from .hashing import content_text
 from .manager import SessionManager
 from .models import (
     SESSION_ORDERS,
-    Exchange,
     RequestQuery,
-    RequestRecord,
-    ResponseRecord,
     Session,
     SessionOrder,
     SessionQuery,
     now_ms,
 )
 from .stats import report
-from .timeparse import format_iso, parse_time
+from .timeparse import parse_time
+from .views import exchange_json, session_json
 
-__all__ = (
-    "MAX_PAGE",
-    "MIN_TOKEN_LENGTH",
-    "create_query_app",
-    "exchange_json",
-    "last_user_text",
-    "reply_text",
-    "session_json",
-)
+__all__ = ("MAX_PAGE", "MIN_TOKEN_LENGTH", "create_query_app")
 
 log: Final = logging.getLogger("aiohttp_session_store.query")
 
@@ -58,123 +48,6 @@ _MANAGER_KEY: Final = web.AppKey("aiohttp_session_store.query.manager", SessionM
 _TOKEN_KEY: Final = web.AppKey("aiohttp_session_store.query.token", bytes)
 
 _STATES: Final = ("all", "active", "expired")
-
-
-# -- the JSON forms (shared with the CLI) ----------------------------------------------------------
-
-
-def _loads(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-
-
-def last_user_text(openai_request: str | None) -> str | None:
-    """The text of the last `role == "user"` message of a stored chat request body."""
-    body = _loads(openai_request)
-    if not isinstance(body, Mapping) or not isinstance(body.get("messages"), list):
-        return None
-    for message in reversed(body["messages"]):
-        if isinstance(message, Mapping) and message.get("role") == "user":
-            return content_text(message.get("content"))
-    return None
-
-
-def reply_text(openai_response: str | None) -> str | None:
-    """What the assistant said in a stored reply: choice 0's content, its tool calls, or the
-    error message of an error body. None for bodies that are none of those."""
-    body = _loads(openai_response)
-    if not isinstance(body, Mapping):
-        return None
-    error = body.get("error")
-    if isinstance(error, Mapping) and isinstance(error.get("message"), str):
-        return f"[error] {error['message']}"
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-        return None
-    message = choices[0].get("message")
-    if not isinstance(message, Mapping):
-        return None
-    content = content_text(message.get("content"))
-    calls = message.get("tool_calls")
-    if isinstance(calls, list) and calls:
-        names = []
-        for call in calls:
-            function = call.get("function") if isinstance(call, Mapping) else None
-            if isinstance(function, Mapping):
-                names.append(f"{function.get('name')}({function.get('arguments') or ''})")
-        rendered = "[tool calls] " + ", ".join(names)
-        return f"{content}\n{rendered}" if content else rendered
-    return content
-
-
-def session_json(session: Session, *, now: int) -> dict[str, Any]:
-    """A session as `sessions --json` and `GET /sessions` give it."""
-    return {
-        "id": session.id,
-        "chat_id": session.chat_id,
-        "parent_id": session.parent_id,
-        "first_user_message": session.first_user_message,
-        "message_count": session.message_count,
-        "created_at": format_iso(session.created_at),
-        "last_accessed": format_iso(session.last_accessed),
-        "expires_at": format_iso(session.expires_at),
-        "expired": session.is_expired(now),
-    }
-
-
-def _headers(text: str | None) -> Any:
-    parsed = _loads(text)
-    return parsed if parsed is not None else text
-
-
-def _response_json(response: ResponseRecord, *, bodies: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "response_id": response.response_id,
-        "timestamp": format_iso(response.timestamp),
-        "status_code": response.status_code,
-        "outcome": response.outcome,
-        "finish_reason": response.finish_reason,
-        "parent_id": response.parent_id,
-        "prompt_tokens": response.prompt_tokens,
-        "completion_tokens": response.completion_tokens,
-        "total_tokens": response.total_tokens,
-        "duration_ms": response.duration_ms,
-        "first_byte_ms": response.first_byte_ms,
-        "error": response.error,
-        "reply": reply_text(response.openai_response),
-    }
-    if bodies:
-        out["openai_response"] = response.openai_response
-        out["upstream_response"] = response.upstream_response
-    return out
-
-
-def exchange_json(exchange: Exchange, *, bodies: bool = False) -> dict[str, Any]:
-    """A request with its response (null while in flight). `bodies` adds the stored bodies
-    (as the text stored, not parsed: a truncated body is not JSON) and the headers."""
-    request: RequestRecord = exchange.request
-    out: dict[str, Any] = {
-        "request_id": request.request_id,
-        "session_id": request.session_id,
-        "timestamp": format_iso(request.timestamp),
-        "method": request.method,
-        "path": request.path,
-        "model": request.model,
-        "stream": request.stream,
-        "user_message": last_user_text(request.openai_request),
-    }
-    if bodies:
-        out["headers"] = _headers(request.headers)
-        out["openai_request"] = request.openai_request
-        out["upstream_request"] = request.upstream_request
-    out["response"] = (
-        None if exchange.response is None else _response_json(exchange.response, bodies=bodies)
-    )
-    return out
 
 
 # -- the sub-application ---------------------------------------------------------------------------
@@ -404,11 +277,15 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(503, "the session store is unavailable; retry shortly", "server_error")
 
 
-def create_query_app(manager: SessionManager, *, token: str) -> web.Application:
+def create_query_app(
+    manager: SessionManager, *, token: str, admin: bool = False
+) -> web.Application:
     """The query API over `manager`, for `app.add_subapp(prefix, ...)`.
 
     Every route needs ``Authorization: Bearer <token>``; `token` must be at least 16
     characters (generate one with ``python -c "import secrets; print(secrets.token_urlsafe())"``).
+    The routes only read, unless `admin` is true: then the admin routes that change the
+    store (``DELETE /sessions/{id}``) are served too. Without it they answer 405.
     """
     if not isinstance(token, str) or len(token.strip()) < MIN_TOKEN_LENGTH:
         raise ValueError(f"the query API token must be at least {MIN_TOKEN_LENGTH} characters")
@@ -419,7 +296,8 @@ def create_query_app(manager: SessionManager, *, token: str) -> web.Application:
     app[_TOKEN_KEY] = token.encode("utf-8")
     app.router.add_get("/sessions", _list_sessions)
     app.router.add_get("/sessions/{session_id}", _get_session)
-    app.router.add_delete("/sessions/{session_id}", _delete_session)
+    if admin:
+        app.router.add_delete("/sessions/{session_id}", _delete_session)
     app.router.add_get("/sessions/{session_id}/stats", _session_stats)
     app.router.add_get("/requests", _list_requests)
     app.router.add_get("/requests/{request_id}", _get_request)

@@ -56,6 +56,8 @@ class Summary:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    #: Calls whose reply carried no usage at all: their tokens are unknown, not zero.
+    without_usage: int
     duration_ms: Percentiles
     first_byte_ms: Percentiles
 
@@ -68,6 +70,7 @@ class Summary:
                 "completion": self.completion_tokens,
                 "total": self.total_tokens,
             },
+            "calls_without_usage": self.without_usage,
             "duration_ms": self.duration_ms.to_json(),
             "first_byte_ms": self.first_byte_ms.to_json(),
         }
@@ -88,7 +91,8 @@ class StatsReport:
 
 
 def summarize(facts: Iterable[ResponseFact]) -> Summary:
-    """Aggregate `facts`; missing token counts add nothing, missing first bytes are skipped."""
+    """Aggregate `facts`; missing token counts add nothing (calls with none at all are
+    counted apart), missing first bytes are skipped."""
     items = list(facts)
     outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
     for fact in items:
@@ -100,6 +104,11 @@ def summarize(facts: Iterable[ResponseFact]) -> Summary:
         prompt_tokens=sum(f.prompt_tokens or 0 for f in items),
         completion_tokens=sum(f.completion_tokens or 0 for f in items),
         total_tokens=sum(f.total_tokens or 0 for f in items),
+        without_usage=sum(
+            1
+            for f in items
+            if f.prompt_tokens is None and f.completion_tokens is None and f.total_tokens is None
+        ),
         duration_ms=Percentiles.of(f.duration_ms for f in items),
         first_byte_ms=Percentiles.of(f.first_byte_ms for f in items if f.first_byte_ms is not None),
     )

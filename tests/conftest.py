@@ -1,4 +1,8 @@
-"""Shared fixtures: one `backend` fixture parametrized over every backend."""
+"""Shared fixtures: one `backend` fixture parametrized over every backend.
+
+PostgreSQL tests skip (saying why) when no server answers, unless `AIOHTTP_SESSION_STORE_REQUIRE_PG`
+is set (CI sets it in .ci/run): then each of them fails with the reason instead.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,52 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from aiohttp_session_store.backends.base import Backend
 
 PG_DSN = os.environ.get("AIOHTTP_SESSION_STORE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+#: Set (to anything but "" or "0") where PostgreSQL must be tested: an unreachable server fails.
+REQUIRE_PG_ENV = "AIOHTTP_SESSION_STORE_REQUIRE_PG"
+REQUIRE_PG = os.environ.get(REQUIRE_PG_ENV, "") not in ("", "0")
 
 
 def _pg_reachable() -> str | None:
-    """None if the PostgreSQL server answers, else why not."""
+    """None if the PostgreSQL server of `PG_DSN` answers, else why not."""
     try:
         import asyncpg  # noqa: F401
     except ImportError:
         return "asyncpg is not installed (pip install -e '.[dev]')"
+    url = urlsplit(PG_DSN)
+    host, port = url.hostname or "127.0.0.1", url.port or 5432
     try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+        with socket.create_connection((host, port), timeout=1):
             return None
     except OSError as exc:
-        return f"no PostgreSQL server at 127.0.0.1:5432 ({exc})"
+        return f"no PostgreSQL server at {host}:{port} ({exc})"
 
 
 PG_UNAVAILABLE = _pg_reachable()
 
 
 def pytest_report_header() -> str:
-    return "postgresql: " + (
-        "available" if PG_UNAVAILABLE is None else f"SKIPPED: {PG_UNAVAILABLE}"
-    )
+    if PG_UNAVAILABLE is None:
+        return "postgresql: available"
+    return f"postgresql: {'FAILING' if REQUIRE_PG else 'SKIPPED'}: {PG_UNAVAILABLE}"
+
+
+def require_pg() -> None:
+    """Skip, or with `REQUIRE_PG` fail, a test that needs the PostgreSQL server."""
+    if PG_UNAVAILABLE is None:
+        return
+    if REQUIRE_PG:
+        pytest.fail(
+            f"PostgreSQL is required ({REQUIRE_PG_ENV} is set) but {PG_UNAVAILABLE}",
+            pytrace=False,
+        )
+    pytest.skip(PG_UNAVAILABLE)
 
 
 @pytest.fixture
@@ -46,8 +68,7 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema for one test, dropped afterwards (test isolation)."""
-    if PG_UNAVAILABLE is not None:
-        pytest.skip(PG_UNAVAILABLE)
+    require_pg()
     import asyncpg
 
     name = f"t_{uuid.uuid4().hex[:16]}"
@@ -76,8 +97,8 @@ def make_backend(kind: str, db_path: Path, pg_schema: str | None, **kwargs: obje
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def backend_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
-    if kind == "postgres" and PG_UNAVAILABLE is not None:
-        pytest.skip(PG_UNAVAILABLE)
+    if kind == "postgres":
+        require_pg()
     return kind
 
 

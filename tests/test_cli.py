@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +142,9 @@ def db(template: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
+def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
+    monkeypatch.delenv("COLUMNS", raising=False)  # tables are cut only where a test says so
+
     def run(*argv: str | Path) -> tuple[int, str, str]:
         code = main([str(a) for a in argv])
         out, err = capsys.readouterr()
@@ -195,6 +199,62 @@ def test_sessions_table(run: Run, db: Path) -> None:
     story = next(line for line in lines if line.startswith(FILLED.story))
     # Shortened to one line of 40 characters, the newline gone.
     assert story.endswith("Write a haiku about the sea with a seco…")
+
+
+@pytest.mark.parametrize("command", [["sessions"], ["requests"]])
+def test_tables_fit_columns(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    wide = run("--db", db, *command)[1].splitlines()
+    width = max(len(line) for line in wide) - 10
+    monkeypatch.setenv("COLUMNS", str(width))
+    code, out, _ = run("--db", db, *command)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == len(wide)
+    assert max(len(line) for line in lines) <= width
+    assert any("…" in line for line in lines)
+    # Ids are never cut: they are what `show` and `--session` take.
+    assert {FILLED.hello, FILLED.story} <= {word for line in lines for word in line.split()}
+
+
+def test_stats_table_cuts_long_model_names_to_fit(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = "a-very-long-fine-tuned-model-name-2026-11-24-with-a-suffix"
+    batch = _requests({"model": model, "messages": []}, session="long")
+    batch.requests[0] = replace(batch.requests[0], model=model)
+    t = now_ms()
+    batch.responses.append(
+        ResponseRecord(
+            "r-long",
+            "long-0",
+            "long",
+            t,
+            200,
+            "completed",
+            "{}",
+            None,
+            None,
+            None,
+            None,
+            None,
+            "stop",
+            None,
+            5,
+            5,
+            t,
+        )
+    )
+    write(db, batch)
+    wide = run("--db", db, "stats")[1].splitlines()
+    assert wide[1].split()[0] == model[:31] + "…"  # the stats table's own cap
+    width = max(len(line) for line in wide) - 15
+    monkeypatch.setenv("COLUMNS", str(width))
+    lines = run("--db", db, "stats")[1].splitlines()
+    assert max(len(line) for line in lines) <= width
+    names = [line.split()[0] for line in lines]
+    assert names == ["MODEL", model[:16] + "…", "gpt-4o", "qwen-max", "all"]
 
 
 def test_sessions_json(run: Run, db: Path) -> None:
@@ -261,10 +321,11 @@ def test_show_transcript(run: Run, db: Path) -> None:
     first = lines.index(next(line for line in lines if line.startswith("#1 ")))
     assert "qwen-max  stream  200 completed  tokens 10/5/15" in lines[first]
     assert "first byte" in lines[first]
+    assert lines[first + 1] == "    system: Be brief."
     # The whole first message, its newline kept as a continuation line.
-    assert lines[first + 1] == "    user:  Write a haiku about the sea"
-    assert lines[first + 2] == "           with a second line, so that it is longer than forty"
-    assert lines[first + 3] == "    reply: " + "".join(STREAM_PIECES)
+    assert lines[first + 2] == "    user:  Write a haiku about the sea"
+    assert lines[first + 3] == "           with a second line, so that it is longer than forty"
+    assert lines[first + 4] == "    reply: " + "".join(STREAM_PIECES)
     assert any(line.startswith("#2 ") for line in lines)
     assert "    user:  Another one" in lines
 
@@ -284,6 +345,74 @@ def test_show_json(run: Run, db: Path) -> None:
         assert isinstance(response["duration_ms"], int)
         assert "openai_response" not in response
     assert turns[1]["response"]["parent_id"] == "msg-2"
+
+
+def _requests(*bodies: dict[str, Any], session: str = "sys-session") -> WriteBatch:
+    t = now_ms() - 10_000
+    return WriteBatch(
+        requests=[
+            RequestRecord(
+                f"{session}-{i}",
+                session,
+                t + i,
+                "POST",
+                "/v1/chat/completions",
+                "m",
+                False,
+                json.dumps(body),
+                None,
+                "{}",
+                t + i,
+            )
+            for i, body in enumerate(bodies)
+        ]
+    )
+
+
+def write(db: Path, batch: WriteBatch) -> None:
+    async def go() -> None:
+        backend = backend_from_url(str(db))
+        await backend.open()
+        try:
+            await backend.write_batch(batch)
+        finally:
+            await backend.close()
+
+    asyncio.run(go())
+
+
+def test_show_gives_the_system_prompt_when_it_appears_or_changes(run: Run, db: Path) -> None:
+    system = {"role": "system", "content": "You are terse.\nAnswer in French."}
+    write(
+        db,
+        _requests(
+            {"messages": [system, {"role": "user", "content": "hi"}]},
+            {"messages": [system, {"role": "user", "content": "again"}]},
+            {"messages": [{"role": "developer", "content": "Now English."}]},
+        ),
+    )
+    code, out, _ = run("--db", db, "show", "sys-session")
+    assert code == 0
+    lines = out.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("#1 ")))
+    assert lines[first + 1 : first + 4] == [
+        "    system: You are terse.",
+        "            Answer in French.",
+        "    user:  hi",
+    ]
+    # Resent unchanged on turn 2: not repeated; changed on turn 3: shown again.
+    assert [line for line in lines if line.startswith("    system:")] == [
+        "    system: You are terse.",
+        "    system: Now English.",
+    ]
+    turns = run_json(run, "--db", db, "show", "sys-session")["requests"]
+    assert [t["system_prompt"] for t in turns] == [
+        "You are terse.\nAnswer in French.",
+        "You are terse.\nAnswer in French.",
+        "Now English.",
+    ]
+    write(db, _requests({"messages": [{"role": "user", "content": "no system"}]}, session="bare"))
+    assert run_json(run, "--db", db, "show", "bare")["requests"][0]["system_prompt"] is None
 
 
 def test_show_errors_and_outcomes(run: Run, db: Path) -> None:
@@ -370,6 +499,7 @@ def test_requests_json(run: Run, db: Path) -> None:
         "model",
         "stream",
         "user_message",
+        "system_prompt",
         "response",
     }
     assert set(listed[0]["response"]) == {
@@ -426,6 +556,7 @@ def test_stats_json(run: Run, db: Path) -> None:
         "handler_error": 1,
     }
     assert stats["tokens"] == {"prompt": 50, "completion": 25, "total": 75}
+    assert stats["calls_without_usage"] == 2  # the upstream error and the handler error
     assert set(stats["duration_ms"]) == {"p50", "p95"}
     assert [m["model"] for m in stats["by_model"]] == ["gpt-4o", "qwen-max"]
     assert [m["requests"] for m in stats["by_model"]] == [4, 3]
@@ -444,6 +575,9 @@ def test_stats_table(run: Run, db: Path) -> None:
         ["qwen-max", "3", "2", "0", "0"],
         ["all", "7", "5", "0", "1"],
     ]
+    headers = re.split(r"\s{2,}", lines[0])
+    assert headers[9] == "NO USAGE"
+    assert [line.split()[9] for line in lines[1:]] == ["1", "1", "2"]
     assert run("--db", db, "stats", "--until", "2000-01-01") == (0, "no responses recorded\n", "")
 
 
@@ -457,9 +591,10 @@ def test_export_to_stdout(run: Run, db: Path) -> None:
     assert len(lines) == FILLED.requests
     assert lines[0]["user_message"] == HELLO  # oldest first
     first = lines[0]
-    assert json.loads(first["openai_request"])["messages"][-1]["content"] == HELLO
+    # Bodies are JSON values (`jq .openai_request.model` works, no `fromjson`).
+    assert first["openai_request"]["messages"][-1]["content"] == HELLO
     assert first["headers"]["Authorization"] == "[REDACTED]"
-    assert json.loads(first["response"]["openai_response"])["choices"][0]["message"] == {
+    assert first["response"]["openai_response"]["choices"][0]["message"] == {
         "role": "assistant",
         "content": f"echo: {HELLO}",
     }
@@ -472,6 +607,120 @@ def test_export_takes_json_like_every_listing(run: Run, db: Path) -> None:
     with_flag = run("--db", db, "export", "--json")
     assert with_flag[0] == 0
     assert with_flag[1] == plain[1]
+
+
+def test_export_keeps_bodies_that_are_not_json_as_text(run: Run, db: Path) -> None:
+    cut = json.dumps({"truncated": True, "original_bytes": 9, "prefix": '{"mess'})
+    batch = _requests({}, session="odd")
+    batch.requests[0] = replace(batch.requests[0], openai_request="not json {")
+    batch.requests.append(replace(batch.requests[0], request_id="odd-cut", openai_request=cut))
+    write(db, batch)
+    lines = [
+        json.loads(line) for line in run("--db", db, "export", "--session", "odd")[1].splitlines()
+    ]
+    assert [line["openai_request"] for line in lines] == [
+        "not json {",
+        {"truncated": True, "original_bytes": 9, "prefix": '{"mess'},
+    ]
+
+
+def test_export_openai_chat_format(run: Run, db: Path) -> None:
+    code, out, err = run("--db", db, "export", "--format", "openai-chat")
+    assert (code, err) == (0, "")
+    lines = [json.loads(line) for line in out.splitlines()]
+    # The four completed chat turns; the call without a user message is a turn too (its
+    # request has messages and its reply an assistant message); errors are not.
+    assert len(lines) == 5
+    assert all(list(line) == ["messages"] for line in lines)
+    second = lines[1]["messages"]
+    assert [m["role"] for m in second][-2:] == ["user", "assistant"]
+    assert second[-2]["content"] == "Tell me more"
+    assert second[-1] == {"role": "assistant", "content": "echo: Tell me more"}
+    streamed = lines[2]["messages"]
+    assert streamed[-1] == {"role": "assistant", "content": "".join(STREAM_PIECES)}
+    assert streamed[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_export_openai_chat_keeps_tool_calls_and_tools(run: Run, db: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    batch = _requests({"messages": [{"role": "user", "content": "use f"}], "tools": tools})
+    reply = {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ]
+    }
+    t = now_ms()
+    batch.responses.append(
+        ResponseRecord(
+            "r-tool",
+            "sys-session-0",
+            "sys-session",
+            t,
+            200,
+            "completed",
+            json.dumps(reply),
+            None,
+            None,
+            1,
+            1,
+            2,
+            "tool_calls",
+            None,
+            5,
+            5,
+            t,
+        )
+    )
+    write(db, batch)
+    out = run("--db", db, "export", "--format", "openai-chat", "--session", "sys-session")[1]
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {
+            "messages": [
+                {"role": "user", "content": "use f"},
+                {"role": "assistant", "tool_calls": [call]},
+            ],
+            "tools": tools,
+        }
+    ]
+
+
+def test_export_to_a_file_summarises(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "turns.jsonl"
+    code, out, err = run("--db", db, "export", "--format", "openai-chat", "-o", target)
+    assert (code, out) == (0, "")
+    assert err == (
+        f"exported 5 conversation turns to {target} (2 of 7 calls were not completed chat turns)\n"
+    )
+    summary = run_json(run, "--db", db, "export", "-o", tmp_path / "all.jsonl")
+    assert summary == {
+        "path": str(tmp_path / "all.jsonl"),
+        "format": "exchanges",
+        "lines": FILLED.requests,
+        "calls": FILLED.requests,
+    }
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_export_shows_progress_on_a_terminal_only(
+    run: Run, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "out.jsonl"
+    assert run("--db", db, "export", "-o", target)[2] == f"exported 7 requests to {target}\n"
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert run("--db", db, "export", "-o", target, "--force")[0] == 0
+    shown = tty.getvalue()
+    assert "\rexporting: calls read 7/7 (100%)\x1b[K" in shown
+    # The line is erased before the summary, so only the summary stays on screen.
+    assert shown.endswith(f"\r\x1b[Kexported 7 requests to {target}\n")
 
 
 def test_backup_creates_missing_parent_directories(run: Run, db: Path, tmp_path: Path) -> None:
@@ -490,8 +739,121 @@ def test_export_to_file_with_filters(run: Run, db: Path, tmp_path: Path) -> None
     exported = [json.loads(line) for line in target.read_text("utf-8").splitlines()]
     assert [e["user_message"] for e in exported] == [STORY, "Another one"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["story.jsonl"]
-    code, _, _ = run("--db", db, "export", "--model", "gpt-4o", "--since", "1h", "-o", target)
+    code, _, err = run("--db", db, "export", "--model", "gpt-4o", "-o", target)
+    assert code == 1
+    assert ERROR_LINE.fullmatch(err)
+    assert "--force" in err
+    assert len(target.read_text("utf-8").splitlines()) == 2  # untouched
+    argv = ["--db", db, "export", "--model", "gpt-4o", "--since", "1h", "-o", target, "--force"]
+    assert run(*argv)[0] == 0
     assert len(target.read_text("utf-8").splitlines()) == 4
+    assert sorted(p.name for p in target.parent.iterdir()) == ["story.jsonl"]
+
+
+# -- files the CLI writes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+@pytest.mark.parametrize("force", [False, True])
+def test_export_refuses_the_store_and_its_side_files(
+    run: Run, db: Path, suffix: str, force: bool
+) -> None:
+    own = db.with_name(db.name + suffix)
+    if suffix:
+        own.write_bytes(b"")  # as a running proxy leaves them
+    before = {p.name: p.read_bytes() for p in db.parent.iterdir()}
+    code, out, err = run("--db", db, "export", "-o", own, *(["--force"] if force else []))
+    assert (code, out) == (1, "")
+    assert ERROR_LINE.fullmatch(err)
+    assert "store's own file" in err
+    assert {p.name: p.read_bytes() for p in db.parent.iterdir()} == before
+
+
+def test_export_and_backup_refuse_the_store_by_another_path(
+    run: Run, db: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "alias.db"
+    link.symlink_to(db)
+    hard = tmp_path / "hard.db"
+    os.link(db, hard)
+    digest = sha256(db)
+    for target in (link, hard, Path(os.path.relpath(db))):
+        for command in (["export", "-o", target], ["backup", target]):
+            code, _, err = run("--db", f"sqlite:///{db}", *command, "--force")
+            assert code == 1, (command, err)
+            assert "store's own file" in err
+    assert sha256(db) == digest
+
+
+def test_export_does_not_follow_a_planted_partial_link(run: Run, db: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "out.jsonl"
+    planted = tmp_path / "out.jsonl.partial"
+    planted.symlink_to(victim)
+    code, _, err = run("--db", db, "export", "-o", target)
+    assert (code, err) == (0, f"exported {FILLED.requests} requests to {target}\n")
+    assert victim.read_text() == "precious\n"
+    assert planted.is_symlink()  # left alone, not written through nor renamed
+    assert not target.is_symlink()
+    assert len(target.read_text("utf-8").splitlines()) == FILLED.requests
+    assert sorted(p.name for p in tmp_path.iterdir() if ".partial" in p.name) == [planted.name]
+
+
+def test_export_force_replaces_a_symlink_not_what_it_points_to(
+    run: Run, db: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "out.jsonl"
+    target.symlink_to(victim)
+    assert run("--db", db, "export", "-o", target)[0] == 1  # exists (as a link)
+    assert run("--db", db, "export", "-o", target, "--force")[0] == 0
+    assert victim.read_text() == "precious\n"
+    assert not target.is_symlink()
+
+
+def test_a_failed_export_leaves_the_target_and_no_temp_file(
+    run: Run, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp_session_store import exporting
+
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+
+    async def broken(*args: object) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exporting, "_export_to", broken)
+    code, _, err = run("--db", db, "export", "-o", target, "--force")
+    assert code == 1
+    assert "disk full" in err
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "store"]
+
+
+def test_backup_force_replaces_an_existing_copy(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "copy.db"
+    target.write_text("an old backup\n")
+    code, _, err = run("--db", db, "backup", target)
+    assert code == 1
+    assert "--force" in err
+    assert target.read_text() == "an old backup\n"
+    code, _out, err = run("--db", db, "backup", target, "--force")
+    assert (code, err) == (0, ""), err
+    assert rows(target) == rows(db)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db", "store"]
+
+
+def test_backup_does_not_follow_a_planted_link(run: Run, db: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "copy.db"
+    for name in ("copy.db.partial", "copy.db-journal", "copy.db-wal"):
+        (tmp_path / name).symlink_to(victim)
+    assert run("--db", db, "backup", target)[0] == 0
+    assert victim.read_text() == "precious\n"
+    assert rows(target) == rows(db)
 
 
 def test_export_pages_through_many_records(run: Run, db: Path) -> None:
@@ -525,6 +887,37 @@ def test_export_pages_through_many_records(run: Run, db: Path) -> None:
 
 
 # -- sweep -----------------------------------------------------------------------------------------
+
+
+def test_sweep_json(run: Run, db: Path) -> None:
+    asyncio.run(add_history(str(db)))
+    dry = run_json(run, "--db", db, "sweep", "--dry-run", "--retention", "30d")
+    assert ISO_RE.fullmatch(dry.pop("cutoff"))
+    assert dry == {
+        "dry_run": True,
+        "expired_sessions": 1,
+        "old_requests": 1,
+        "retention_ms": 30 * DAY,
+    }
+    done = run_json(run, "--db", db, "sweep")
+    assert done == {
+        "dry_run": False,
+        "expired_sessions": 1,
+        "old_requests": None,
+        "retention_ms": None,
+        "cutoff": None,
+    }
+    assert run_json(run, "--db", db, "sweep", "--retention", "30d")["old_requests"] == 1
+
+
+def test_sweep_says_it_is_working_on_a_terminal_only(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run("--db", db, "sweep", "--retention", "30d")[2] == ""
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert run("--db", db, "sweep", "--retention", "30d")[0] == 0
+    assert tty.getvalue() == "\rsweeping: expired sessions and old records…\x1b[K\r\x1b[K"
 
 
 def test_sweep_dry_run_changes_nothing(run: Run, db: Path) -> None:
@@ -595,6 +988,27 @@ def test_migrate_creates_and_is_idempotent(run: Run, tmp_path: Path) -> None:
     assert run("--db", new, "migrate", "--list")[1].endswith("nothing to migrate\n")
 
 
+def test_migrate_json(run: Run, tmp_path: Path) -> None:
+    new = tmp_path / "sessions.db"
+    everything = [{"version": m.version, "name": m.name} for m in MIGRATIONS]
+    assert run_json(run, "--db", new, "migrate") == {
+        "schema_version": LATEST,
+        "previous": 0,
+        "applied": everything,
+    }
+    assert run_json(run, "--db", new, "migrate") == {
+        "schema_version": LATEST,
+        "previous": LATEST,
+        "applied": [],
+    }
+    listed = run_json(run, "--db", new, "migrate", "--list")
+    assert listed == {"schema_version": LATEST, "latest": LATEST, "pending": []}
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    listed = run_json(run, "--db", empty, "migrate", "--list")
+    assert listed == {"schema_version": 0, "latest": LATEST, "pending": everything}
+
+
 def test_migrate_list_on_an_older_schema_changes_nothing(run: Run, tmp_path: Path) -> None:
     # An empty file is a SQLite database at schema version 0.
     empty = tmp_path / "empty.db"
@@ -615,6 +1029,36 @@ def test_migrate_refuses_a_foreign_file(run: Run, tmp_path: Path) -> None:
         assert code == 1
         assert "not a SQLite database" in err
     assert foreign.read_text() == "not a database\n"
+
+
+def test_backup_json(run: Run, db: Path, tmp_path: Path) -> None:
+    target = tmp_path / "copy.db"
+    assert run_json(run, "--db", db, "backup", target) == {
+        "path": str(target),
+        "sessions": FILLED.sessions,
+        "requests": FILLED.requests,
+    }
+
+
+def test_every_command_takes_json(run: Run, db: Path, tmp_path: Path) -> None:
+    from aiohttp_session_store.cli import build_parser
+
+    commands = next(a.choices for a in build_parser()._actions if isinstance(a.choices, dict))
+    names = set(commands)
+    argv: dict[str, list[str | Path]] = {
+        "sessions": ["sessions"],
+        "show": ["show", FILLED.hello],
+        "requests": ["requests"],
+        "stats": ["stats"],
+        "export": ["export", "-o", tmp_path / "e.jsonl"],
+        "sweep": ["sweep", "--dry-run"],
+        "migrate": ["migrate", "--list"],
+        "backup": ["backup", tmp_path / "b.db"],
+    }
+    assert names == set(argv)  # a new command must be added here, with its --json
+    for name, args in argv.items():
+        value = run_json(run, "--db", db, *args)
+        assert isinstance(value, (dict, list)), name
 
 
 def test_backup(run: Run, db: Path, tmp_path: Path) -> None:

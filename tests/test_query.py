@@ -32,7 +32,8 @@ from aiohttp_session_store import (
 from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.hashing import scoped_session_id
 from aiohttp_session_store.models import RequestQuery
-from aiohttp_session_store.query import create_query_app, exchange_json, reply_text
+from aiohttp_session_store.query import create_query_app
+from aiohttp_session_store.views import exchange_json, reply_text
 
 Client = TestClient[Any, Any]
 
@@ -185,7 +186,7 @@ class Admin:
 
 async def _admin(aiohttp_client: AiohttpClient, database: str | Backend) -> Admin:
     app, store = chat_app(database)
-    app.add_subapp("/admin", create_query_app(store.manager, token=TOKEN))
+    app.add_subapp("/admin", create_query_app(store.manager, token=TOKEN, admin=True))
     client = await aiohttp_client(app)
     await converse(client)
     await store.flush()
@@ -384,6 +385,7 @@ async def test_list_requests(admin: Admin) -> None:
         "model",
         "stream",
         "user_message",
+        "system_prompt",
         "response",
     }
     assert first["session_id"] == FILLED.hello
@@ -429,12 +431,13 @@ async def test_get_request_with_its_response_and_bodies(admin: Admin) -> None:
     assert status == 200
     assert body["request_id"] == request_id
     assert body["stream"] is True
-    assert json.loads(body["openai_request"])["messages"][-1]["content"] == STORY
+    # Bodies are JSON values, not JSON text inside JSON.
+    assert body["openai_request"]["messages"][-1]["content"] == STORY
     assert body["headers"]["Authorization"] == "[REDACTED]"
     response = body["response"]
     assert response["reply"] == "".join(STREAM_PIECES)
     assert response["finish_reason"] == "stop"
-    assert json.loads(response["openai_response"])["object"] == "chat.completion"
+    assert response["openai_response"]["object"] == "chat.completion"
     assert response["first_byte_ms"] is not None
     status, body = await admin.get("/requests/nope")
     assert (status, body["error"]["type"]) == (404, "not_found_error")
@@ -642,3 +645,27 @@ async def test_store_query_app_mounts(
     resp = await client.get("/admin/sessions", headers=AUTH)
     assert resp.status == 200
     assert (await resp.json())["total"] == 1
+
+
+@pytest.mark.parametrize("admin", [False, True])
+async def test_delete_is_an_admin_route(
+    aiohttp_client: AiohttpClient, db_path: Path, admin: bool
+) -> None:
+    app, store = chat_app(str(db_path))
+    app.add_subapp("/admin", store.query_app(token=TOKEN, admin=admin))
+    client = await aiohttp_client(app)
+    assert await post(client, "gpt-4o", HELLO) == 200
+    await store.flush()
+    session_id = scoped_session_id("Bearer sk-secret", HELLO)
+    resp = await client.delete(f"/admin/sessions/{session_id}", headers=AUTH)
+    if admin:
+        assert resp.status == 200
+        assert await store.backend.get_session(session_id) is None
+        return
+    # Read-only by default: the route is not served, and nothing was deleted.
+    assert resp.status == 405
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    assert "DELETE" not in resp.headers["Allow"]
+    assert await store.backend.get_session(session_id) is not None
+    # Still behind the token, like every route.
+    assert (await client.delete(f"/admin/sessions/{session_id}")).status == 401

@@ -69,6 +69,7 @@ def test_summarize_empty() -> None:
             "handler_error": 0,
         },
         "tokens": {"prompt": 0, "completion": 0, "total": 0},
+        "calls_without_usage": 0,
         "duration_ms": {"p50": None, "p95": None},
         "first_byte_ms": {"p50": None, "p95": None},
     }
@@ -94,6 +95,8 @@ def test_summarize_counts_sums_and_skips_missing_values() -> None:
         10,
         37,
     )
+    # The call that carried no usage adds nothing, and is counted as such (a zero is usage).
+    assert summary.without_usage == 1
     assert summary.duration_ms == Percentiles(p50=100, p95=300)
     # Only the three calls that sent a first byte count towards its percentiles.
     assert summary.first_byte_ms == Percentiles(p50=20, p95=30)
@@ -136,6 +139,7 @@ def test_report_json_shape() -> None:
         "requests",
         "outcomes",
         "tokens",
+        "calls_without_usage",
         "duration_ms",
         "first_byte_ms",
         "by_model",
@@ -152,9 +156,24 @@ def test_report_json_shape() -> None:
             "handler_error": 0,
         },
         "tokens": {"prompt": 1, "completion": 2, "total": 3},
+        "calls_without_usage": 0,
         "duration_ms": {"p50": 100, "p95": 100},
         "first_byte_ms": {"p50": 10, "p95": 10},
     }
+
+
+def test_calls_without_usage_are_counted_per_model() -> None:
+    facts = [
+        fact("a", tokens=(None, None, None)),
+        fact("a", tokens=(0, 0, 0)),  # usage that says zero is usage
+        fact("a", tokens=(3, None, None)),  # partial usage is usage
+        fact("b", tokens=(None, None, None)),
+        fact("b"),
+    ]
+    result = report(facts)
+    assert result.overall.without_usage == 2
+    assert [(m, s.without_usage) for m, s in result.by_model] == [("a", 1), ("b", 1)]
+    assert result.to_json()["calls_without_usage"] == 2
 
 
 def test_report_accepts_any_iterable_once() -> None:
