@@ -338,6 +338,31 @@ async def test_read_only_refuses_a_schema_that_needs_migrating(pg_schema: str) -
 # -- versions ---------------------------------------------------------------------------
 
 
+async def test_an_unreadable_version_is_a_schema_version_error(pg_schema: str) -> None:
+    first = PostgresBackend(PG_DSN, schema=pg_schema)
+    await first.open()
+    await first.close()
+    await sql(pg_schema, "UPDATE metadata SET value = 'banana' WHERE key = $1", SCHEMA_VERSION_KEY)
+    # The same type and message as on SQLite (test_migrations).
+    for read_only in (False, True):
+        backend = PostgresBackend(PG_DSN, schema=pg_schema, read_only=read_only)
+        with pytest.raises(SchemaVersionError, match=f"schema '{pg_schema}' has an unreadable"):
+            await backend.open()
+        await backend.close()
+
+
+async def test_too_old_and_too_new_hints_are_the_shared_ones(pg_schema: str) -> None:
+    first = PostgresBackend(PG_DSN, schema=pg_schema)
+    await first.open()
+    await first.close()
+    reader = PostgresBackend(PG_DSN, schema=pg_schema, read_only=True, migrations=V2_MIGRATIONS)
+    with pytest.raises(SchemaVersionError, match=r"needs \d+: run migrate \(`python -m"):
+        await reader.open()
+    older = PostgresBackend(PG_DSN, schema=pg_schema, migrations=MIGRATIONS[:1])
+    with pytest.raises(SchemaVersionError, match=r"newer than .*: upgrade the package"):
+        await older.open()
+
+
 async def test_newer_schema_version_is_refused_untouched(pg_schema: str) -> None:
     newer = PostgresBackend(PG_DSN, schema=pg_schema, migrations=V2_MIGRATIONS)
     await newer.open()

@@ -463,14 +463,26 @@ async def test_metadata_uses_its_own_key_and_leaves_other_rows_alone(db_path: Pa
     assert query(db_path, "SELECT updated_at FROM metadata WHERE key = 'schema_version'") == [(7,)]
 
 
-async def test_an_unreadable_version_is_a_store_error(db_path: Path) -> None:
+async def test_an_unreadable_version_is_a_schema_version_error(db_path: Path) -> None:
     await make_store(db_path)
     execute(
         db_path,
         f"UPDATE metadata SET value = 'banana' WHERE key = '{SCHEMA_VERSION_KEY}'",
     )
-    with pytest.raises(StoreError, match="banana"):
-        await SQLiteBackend(db_path).open()
+    # The same type and message as on PostgreSQL (test_backends_postgres).
+    for read_only in (False, True):
+        with pytest.raises(SchemaVersionError, match=r"sessions\.db has an unreadable .*banana"):
+            await SQLiteBackend(db_path, read_only=read_only).open()
+
+
+async def test_too_old_and_too_new_hints_are_the_shared_ones(db_path: Path) -> None:
+    await make_store(db_path)
+    reader = SQLiteBackend(db_path, read_only=True, migrations=(*MIGRATIONS, extra_migration()))
+    with pytest.raises(SchemaVersionError, match=r"needs \d+: run migrate \(`python -m"):
+        await reader.open()
+    older = SQLiteBackend(db_path, migrations=MIGRATIONS[:1])
+    with pytest.raises(SchemaVersionError, match=r"newer than .*: upgrade the package"):
+        await older.open()
 
 
 # -- SQLite: read-only opens -------------------------------------------------------------
