@@ -120,6 +120,30 @@ METADATA_DDL: Final = {
     ).items()
 }
 
+# Content-addressed conversation lineage that outlives session expiry: each node is a point
+# of a conversation the upstream has seen, keyed by the chain hash of its messages, so a
+# client resending a history (after its session expired, or without any session) finds the
+# upstream node it continues. Nodes are immutable: the first stored under a hash is kept.
+_LINEAGE: Final = _render(
+    (
+        """CREATE TABLE lineage (
+        hash TEXT PRIMARY KEY,
+        scope TEXT NOT NULL,
+        session_id TEXT,
+        chat_id TEXT,
+        node_id TEXT NOT NULL,
+        response_id TEXT,
+        depth INTEGER NOT NULL,
+        parent_hash TEXT,
+        created_at {int64} NOT NULL
+    )""",
+        # A session's conversation tree (list_lineage_nodes).
+        "CREATE INDEX idx_lineage_session_id ON lineage (session_id)",
+        # Retention deletes the oldest nodes in bounded batches: a range scan.
+        "CREATE INDEX idx_lineage_created_at ON lineage (created_at)",
+    )
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "initial schema", _INITIAL["sqlite"], _INITIAL["postgres"]),
     Migration(
@@ -133,6 +157,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "ALTER TABLE sessions ADD COLUMN seq BIGSERIAL",
         ),
     ),
+    Migration(3, "conversation lineage", _LINEAGE["sqlite"], _LINEAGE["postgres"]),
 )
 
 

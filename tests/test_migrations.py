@@ -204,6 +204,17 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, int, int]]] = {
         ("first_byte_ms", "INTEGER", 0, 0),
         ("created_at", "INTEGER", 1, 0),
     ],
+    "lineage": [
+        ("hash", "TEXT", 0, 1),
+        ("scope", "TEXT", 1, 0),
+        ("session_id", "TEXT", 0, 0),
+        ("chat_id", "TEXT", 0, 0),
+        ("node_id", "TEXT", 1, 0),
+        ("response_id", "TEXT", 0, 0),
+        ("depth", "INTEGER", 1, 0),
+        ("parent_hash", "TEXT", 0, 0),
+        ("created_at", "INTEGER", 1, 0),
+    ],
     "metadata": [
         ("key", "TEXT", 0, 1),
         ("value", "TEXT", 1, 0),
@@ -224,6 +235,9 @@ EXPECTED_INDEXES: set[tuple[str, tuple[str, ...], int, str]] = {
     ("responses", ("request_id",), 0, "c"),
     ("responses", ("session_id",), 0, "c"),
     ("responses", ("timestamp",), 0, "c"),
+    ("lineage", ("hash",), 1, "pk"),
+    ("lineage", ("session_id",), 0, "c"),
+    ("lineage", ("created_at",), 0, "c"),
     ("metadata", ("key",), 1, "pk"),
 }
 EXPECTED_INDEX_NAMES = {
@@ -235,6 +249,8 @@ EXPECTED_INDEX_NAMES = {
     "idx_responses_request_id",
     "idx_responses_session_id",
     "idx_responses_timestamp",
+    "idx_lineage_session_id",
+    "idx_lineage_created_at",
 }
 
 

@@ -3,7 +3,9 @@ extend (`SQLBackend`)."""
 
 from __future__ import annotations
 
-from ..models import Exchange, RequestQuery, ResponseFact, WriteBatch
+from collections.abc import Sequence
+
+from ..models import Exchange, LineageNode, RequestQuery, ResponseFact, WriteBatch
 from .codecs import LINEAGE, REQUESTS, RESPONSES, SESSIONS
 from .columns import ORPHAN_GRACE_MS
 from .core import Conn, Row, SQLCore
@@ -117,3 +119,20 @@ class SQLBackend(SQLCore):
             )
             for row in await self._read(sql, bind.params)
         ]
+
+    # -- conversation lineage ----------------------------------------------------------
+
+    async def get_lineage_nodes(self, hashes: Sequence[str]) -> list[LineageNode]:
+        if not hashes:
+            return []
+        param = self.dialect.list_param(list(dict.fromkeys(hashes)))
+        return [LINEAGE.decode(row) for row in await self._read(self._q.get_lineage_in, (param,))]
+
+    async def list_lineage_nodes(self, session_id: str) -> list[LineageNode]:
+        rows = await self._read(self._q.list_lineage, self._args(session_id))
+        return [LINEAGE.decode(row) for row in rows]
+
+    async def delete_lineage_before(self, cutoff: int, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        return await self._write_count(self._q.delete_lineage_before, (cutoff, limit))
