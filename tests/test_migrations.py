@@ -16,7 +16,12 @@ import pytest
 
 from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
-from aiohttp_session_store.errors import DatabaseNotFoundError, SchemaVersionError, StoreError
+from aiohttp_session_store.errors import (
+    DatabaseNotFoundError,
+    ForeignDatabaseError,
+    SchemaVersionError,
+    StoreError,
+)
 from aiohttp_session_store.migrations import (
     METADATA_DDL,
     MIGRATIONS,
@@ -601,3 +606,49 @@ async def test_operations_on_a_closed_backend_are_store_errors(db_path: Path) ->
     await b.close()
     with pytest.raises(StoreError, match="not open"):
         await b.count_sessions()
+
+
+# -- SQLite: someone else's database -----------------------------------------------------
+
+
+async def test_a_foreign_file_is_refused_untouched(db_path: Path) -> None:
+    execute(
+        db_path,
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)",
+        "INSERT INTO customers VALUES (1, 'Ada')",
+    )
+    digest = sha256(db_path)
+    with pytest.raises(ForeignDatabaseError) as info:
+        await SQLiteBackend(db_path).open()
+    message = str(info.value)
+    assert str(db_path) in message
+    assert "customers" in message
+    assert "adopt=True" in message
+    assert isinstance(info.value, StoreError)
+    # Nothing added, not even the journal mode switched.
+    assert sha256(db_path) == digest
+    assert tables(db_path) == {"customers"}
+
+
+async def test_a_foreign_file_is_used_when_adopted(db_path: Path) -> None:
+    execute(db_path, "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    execute(db_path, "INSERT INTO customers VALUES (1, 'Ada')")
+    b = SQLiteBackend(db_path, adopt=True)
+    await b.open()
+    await b.close()
+    assert {"customers", "sessions", "metadata"} <= tables(db_path)
+    assert query(db_path, "SELECT name FROM customers") == [("Ada",)]
+    # Adopted once, it carries our version: a plain open needs no flag any more.
+    b = SQLiteBackend(db_path)
+    await b.open()
+    await b.close()
+
+
+async def test_an_empty_file_is_not_foreign(db_path: Path) -> None:
+    write(db_path, b"")
+    b = SQLiteBackend(db_path)
+    await b.open()
+    try:
+        assert await b.schema_version() == LATEST
+    finally:
+        await b.close()
