@@ -209,3 +209,45 @@ async def test_sqlite_statement_errors_are_not_outages(
             await backend.count_sessions()
     finally:
         await backend.close()
+
+
+@pytest.mark.postgres
+async def test_only_safe_calls_are_retried_once_after_a_dropped_connection(
+    relay: Relay, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    backend = through(relay, pg_schema)
+    await backend.open()
+    try:
+        await backend.insert_session(make_session("s1"))
+        pool_class = type(backend._pool)
+        real_acquire = pool_class.acquire
+        drops = 0
+
+        def acquire(self: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal drops
+            if drops:
+                drops -= 1
+                raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+            return real_acquire(self, *args, **kwargs)
+
+        monkeypatch.setattr(pool_class, "acquire", acquire)
+        drops = 1  # a read: retried, succeeds
+        assert await backend.get_session("s1") is not None
+        drops = 1  # an idempotent write: retried, succeeds
+        await backend.write_batch(WriteBatch(requests=[make_request("r1")]))
+        assert await backend.count_requests(RequestQuery()) == 1
+        drops = 1  # an increment: never replayed blindly
+        with pytest.raises(StoreUnavailableError):
+            await backend.advance_session("s1", "p", now=T0 + 1, expires_at=T0 + TTL)
+        drops = 2  # retried once only
+        with pytest.raises(StoreUnavailableError):
+            await backend.get_session("s1")
+        assert drops == 0
+        stored = await backend.get_session("s1")
+        assert stored is not None
+        assert stored.message_count == 0
+    finally:
+        monkeypatch.undo()
+        await backend.close()
