@@ -24,41 +24,46 @@ class Migration:
     postgres: tuple[str, ...]
 
 
-# Bookkeeping must exist before any migration can record itself, so `metadata` is created
-# by the backend outside the registry (CREATE TABLE IF NOT EXISTS); its DDL lives here too.
-METADATA_DDL: Final = {
-    # Holds the schema version (and any later package-level settings), keyed by name.
-    "sqlite": "CREATE TABLE IF NOT EXISTS metadata ("
-    " key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at INTEGER NOT NULL)",
-    "postgres": "CREATE TABLE IF NOT EXISTS metadata ("
-    " key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at BIGINT NOT NULL)",
+# The DDL of both dialects, written once. `{serial}` is a table's own row id (SQLite's rowid
+# alias, a PostgreSQL sequence) and `{int64}` a 64-bit integer: millisecond timestamps
+# outgrow PostgreSQL's 32-bit INTEGER, while SQLite's INTEGER holds 64 bits already.
+_TYPES: Final = {
+    "sqlite": {"serial": "INTEGER PRIMARY KEY", "int64": "INTEGER"},
+    "postgres": {"serial": "BIGSERIAL PRIMARY KEY", "int64": "BIGINT"},
 }
 
-_INITIAL_SQLITE: Final = (
-    # One row per conversation: the upstream chat it maps to and the parent of the next turn.
-    """CREATE TABLE sessions (
+
+def _render(statements: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """One statement list per dialect from dialect-neutral templates."""
+    return {name: tuple(s.format(**types) for s in statements) for name, types in _TYPES.items()}
+
+
+_INITIAL: Final = _render(
+    (
+        # One row per conversation: the upstream chat it maps to and the parent of the next turn.
+        """CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
         chat_id TEXT,
         parent_id TEXT,
         first_user_message TEXT NOT NULL,
         message_count INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL,
-        last_accessed INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL
+        created_at {int64} NOT NULL,
+        last_accessed {int64} NOT NULL,
+        expires_at {int64} NOT NULL
     )""",
-    # Sweeps delete `expires_at <= now` in bounded batches: this index makes each batch a
-    # range scan instead of a full table scan.
-    "CREATE INDEX idx_sessions_expires_at ON sessions (expires_at)",
-    # Finding the session of an upstream chat (operators debugging an upstream id).
-    "CREATE INDEX idx_sessions_chat_id ON sessions (chat_id)",
-    # Listings are newest first.
-    "CREATE INDEX idx_sessions_created_at ON sessions (created_at)",
-    # One row per call, as the client sent it; outlives its session (no foreign key to it).
-    """CREATE TABLE requests (
-        id INTEGER PRIMARY KEY,
+        # Sweeps delete `expires_at <= now` in bounded batches: this index makes each batch a
+        # range scan instead of a full table scan.
+        "CREATE INDEX idx_sessions_expires_at ON sessions (expires_at)",
+        # Finding the session of an upstream chat (operators debugging an upstream id).
+        "CREATE INDEX idx_sessions_chat_id ON sessions (chat_id)",
+        # Listings are newest first.
+        "CREATE INDEX idx_sessions_created_at ON sessions (created_at)",
+        # One row per call, as the client sent it; outlives its session (no foreign key to it).
+        """CREATE TABLE requests (
+        id {serial},
         request_id TEXT NOT NULL UNIQUE,
         session_id TEXT,
-        timestamp INTEGER NOT NULL,
+        timestamp {int64} NOT NULL,
         method TEXT NOT NULL,
         path TEXT NOT NULL,
         model TEXT,
@@ -66,19 +71,19 @@ _INITIAL_SQLITE: Final = (
         openai_request TEXT,
         upstream_request TEXT,
         headers TEXT,
-        created_at INTEGER NOT NULL
+        created_at {int64} NOT NULL
     )""",
-    # A session's transcript (CLI `show`, query app) without scanning every request.
-    "CREATE INDEX idx_requests_session_id ON requests (session_id, timestamp)",
-    # Time filters (`--since`) and retention sweeps.
-    "CREATE INDEX idx_requests_timestamp ON requests (timestamp)",
-    # One row per call, how it ended; references its request so neither can dangle.
-    """CREATE TABLE responses (
-        id INTEGER PRIMARY KEY,
+        # A session's transcript (CLI `show`, query app) without scanning every request.
+        "CREATE INDEX idx_requests_session_id ON requests (session_id, timestamp)",
+        # Time filters (`--since`) and retention sweeps.
+        "CREATE INDEX idx_requests_timestamp ON requests (timestamp)",
+        # One row per call, how it ended; references its request so neither can dangle.
+        """CREATE TABLE responses (
+        id {serial},
         response_id TEXT NOT NULL UNIQUE,
         request_id TEXT NOT NULL REFERENCES requests(request_id),
         session_id TEXT,
-        timestamp INTEGER NOT NULL,
+        timestamp {int64} NOT NULL,
         status_code INTEGER,
         outcome TEXT NOT NULL,
         openai_response TEXT,
@@ -91,27 +96,56 @@ _INITIAL_SQLITE: Final = (
         error TEXT,
         duration_ms INTEGER NOT NULL,
         first_byte_ms INTEGER,
-        created_at INTEGER NOT NULL
+        created_at {int64} NOT NULL
     )""",
-    # Joining a request to its response, and deleting responses before their requests.
-    "CREATE INDEX idx_responses_request_id ON responses (request_id)",
-    # Per-session statistics.
-    "CREATE INDEX idx_responses_session_id ON responses (session_id)",
-    # Time-bounded statistics.
-    "CREATE INDEX idx_responses_timestamp ON responses (timestamp)",
+        # Joining a request to its response, and deleting responses before their requests.
+        "CREATE INDEX idx_responses_request_id ON responses (request_id)",
+        # Per-session statistics.
+        "CREATE INDEX idx_responses_session_id ON responses (session_id)",
+        # Time-bounded statistics.
+        "CREATE INDEX idx_responses_timestamp ON responses (timestamp)",
+    )
 )
 
-_INITIAL_POSTGRES: Final = tuple(
-    stmt.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
-    .replace("created_at INTEGER", "created_at BIGINT")
-    .replace("last_accessed INTEGER", "last_accessed BIGINT")
-    .replace("expires_at INTEGER", "expires_at BIGINT")
-    .replace("timestamp INTEGER", "timestamp BIGINT")
-    for stmt in _INITIAL_SQLITE
+# Bookkeeping must exist before any migration can record itself, so `metadata` is created
+# by the backend outside the registry (CREATE TABLE IF NOT EXISTS); its DDL lives here too.
+# It holds the schema version (and any later package-level settings), keyed by name.
+METADATA_DDL: Final = {
+    name: ddl[0]
+    for name, ddl in _render(
+        (
+            "CREATE TABLE IF NOT EXISTS metadata ("
+            " key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at {int64} NOT NULL)",
+        )
+    ).items()
+}
+
+# Content-addressed conversation lineage that outlives session expiry: each node is a point
+# of a conversation the upstream has seen, keyed by the chain hash of its messages, so a
+# client resending a history (after its session expired, or without any session) finds the
+# upstream node it continues. Nodes are immutable: the first stored under a hash is kept.
+_LINEAGE: Final = _render(
+    (
+        """CREATE TABLE lineage (
+        hash TEXT PRIMARY KEY,
+        scope TEXT NOT NULL,
+        session_id TEXT,
+        chat_id TEXT,
+        node_id TEXT NOT NULL,
+        response_id TEXT,
+        depth INTEGER NOT NULL,
+        parent_hash TEXT,
+        created_at {int64} NOT NULL
+    )""",
+        # A session's conversation tree (list_lineage_nodes).
+        "CREATE INDEX idx_lineage_session_id ON lineage (session_id)",
+        # Retention deletes the oldest nodes in bounded batches: a range scan.
+        "CREATE INDEX idx_lineage_created_at ON lineage (created_at)",
+    )
 )
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
-    Migration(1, "initial schema", _INITIAL_SQLITE, _INITIAL_POSTGRES),
+    Migration(1, "initial schema", _INITIAL["sqlite"], _INITIAL["postgres"]),
     Migration(
         2,
         "session creation order",
@@ -123,26 +157,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "ALTER TABLE sessions ADD COLUMN seq BIGSERIAL",
         ),
     ),
-    Migration(
-        3,
-        "conversation lineage",
-        (
-            """CREATE TABLE lineage (
-                hash TEXT PRIMARY KEY, scope TEXT NOT NULL, session_id TEXT, chat_id TEXT,
-                node_id TEXT NOT NULL, response_id TEXT, depth INTEGER NOT NULL,
-                parent_hash TEXT, created_at INTEGER NOT NULL)""",
-            "CREATE INDEX idx_lineage_session_id ON lineage (session_id)",
-            "CREATE INDEX idx_lineage_created_at ON lineage (created_at)",
-        ),
-        (
-            """CREATE TABLE lineage (
-                hash TEXT PRIMARY KEY, scope TEXT NOT NULL, session_id TEXT, chat_id TEXT,
-                node_id TEXT NOT NULL, response_id TEXT, depth INTEGER NOT NULL,
-                parent_hash TEXT, created_at BIGINT NOT NULL)""",
-            "CREATE INDEX idx_lineage_session_id ON lineage (session_id)",
-            "CREATE INDEX idx_lineage_created_at ON lineage (created_at)",
-        ),
-    ),
+    Migration(3, "conversation lineage", _LINEAGE["sqlite"], _LINEAGE["postgres"]),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -21,6 +21,9 @@ from .middleware import (
 )
 from .models import Session
 from .turn import Turn
+
+if TYPE_CHECKING:
+    from .metrics import StoreMetrics
 
 __all__ = (
     "STORE_KEY",
@@ -40,6 +43,8 @@ class SessionStore:
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
         self.config = manager.config
+        #: Set by `enable_metrics` (or the first `metrics_app()`); None until then.
+        self.metrics: StoreMetrics | None = None
 
     @property
     def backend(self) -> Backend:
@@ -57,6 +62,16 @@ class SessionStore:
         from .query import create_query_app
 
         return create_query_app(self.manager, token=token, admin=admin)
+
+    def metrics_app(self, *, token: str | None = None) -> web.Application:
+        """Prometheus metrics of this store at ``GET /metrics``, to mount with `app.add_subapp`.
+
+        Enables metrics on first use (needs the ``metrics`` extra: ``prometheus-client``).
+        With `token`, every scrape needs ``Authorization: Bearer <token>``.
+        """
+        from .metrics import create_metrics_app, enable_metrics
+
+        return create_metrics_app(enable_metrics(self), token=token)
 
     async def flush(self) -> None:
         """Wait until every record and session change queued so far is committed."""

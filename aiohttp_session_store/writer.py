@@ -11,6 +11,9 @@ never waits behind a large one. When storage fails the batch is retried with bac
 new items keep queueing up to `max_pending` records and `max_pending_bytes`; past either
 new records are dropped and counted, so a broken disk can neither take the proxy down nor
 exhaust its memory. The error is logged once per burst.
+
+An optional `observer` (metrics) sees each record as it is handed over and the time each
+commit took; with none set, the cost is one attribute test per call.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final, NamedTuple, Union
+from typing import Final, NamedTuple, Protocol, TypeVar, Union
 
 from .backends.base import Backend
 from .errors import StoreWriteError
 from .models import LineageNode, RequestRecord, ResponseRecord, Session, WriteBatch
 from .session_cache import session_bytes
 
-__all__ = ("DELETED", "RecordWriter", "record_bytes")
+__all__ = ("DELETED", "RecordWriter", "WriteObserver", "record_bytes")
 
 log: Final = logging.getLogger("aiohttp_session_store.writer")
 
@@ -56,6 +59,7 @@ class _Upstream(NamedTuple):
     body: str
 
 
+_T = TypeVar("_T")
 _Item = Union[RequestRecord, ResponseRecord, _Upstream, LineageNode]  # noqa: UP007 (runtime alias, 3.10)
 
 
@@ -67,6 +71,16 @@ def record_bytes(record: RequestRecord | ResponseRecord) -> int:
         if isinstance(value, str):
             size += sys.getsizeof(value)
     return size
+
+
+class WriteObserver(Protocol):
+    """Told on the loop, synchronously, what the writer is handed and how long commits take."""
+
+    def request_queued(self, record: RequestRecord) -> None: ...
+
+    def response_queued(self, record: ResponseRecord) -> None: ...
+
+    def batch_committed(self, seconds: float) -> None: ...
 
 
 class RecordWriter:
@@ -119,6 +133,8 @@ class RecordWriter:
         self.batches_committed = 0
         self.write_errors = 0
         self.records_dropped = 0
+        self.observer: WriteObserver | None = None
+        self._observer_failed = False
 
     # -- handing items over (never awaits) -------------------------------------------
 
@@ -180,15 +196,30 @@ class RecordWriter:
         self._handed_over()
         self._sessions[session_id] = DELETED
 
+    def _observe(self, notify: Callable[[_T], None], value: _T) -> None:
+        try:
+            notify(value)
+        except Exception:
+            # Metrics must never turn a recorded call into a failed one; say so once.
+            if not self._observer_failed:
+                self._observer_failed = True
+                log.exception("the write observer failed (further failures are not logged)")
+
     def put_request(self, record: RequestRecord) -> bool:
         """Queue a request record; False if it was dropped (its response must be too)."""
-        return self._enqueue(record, record_bytes(record))
+        queued = self._enqueue(record, record_bytes(record))
+        if queued and self.observer is not None:
+            self._observe(self.observer.request_queued, record)
+        return queued
 
     def put_upstream_request(self, request_id: str, upstream_request: str) -> bool:
         item = _Upstream(request_id, upstream_request)
         return self._enqueue(item, _RECORD_OVERHEAD + sys.getsizeof(upstream_request))
 
     def put_response(self, record: ResponseRecord) -> bool:
+        # Observed even when dropped: the call happened, whether or not storage keeps up.
+        if self.observer is not None:
+            self._observe(self.observer.response_queued, record)
         return self._enqueue(record, record_bytes(record))
 
     def put_node(self, node: LineageNode) -> bool:
@@ -325,6 +356,7 @@ class RecordWriter:
     async def _commit(self, batch: WriteBatch) -> None:
         attempt = 0
         while True:
+            started = time.perf_counter()
             try:
                 await self._backend.write_batch(batch)
             except asyncio.CancelledError:
@@ -345,6 +377,8 @@ class RecordWriter:
                 attempt += 1
                 await asyncio.sleep(min(0.01 * 2**attempt, _MAX_BACKOFF))
                 continue
+            if self.observer is not None:
+                self._observe(self.observer.batch_committed, time.perf_counter() - started)
             self._dropping = False
             if self._failing:
                 self._failing = False

@@ -12,7 +12,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from aiohttp_session_store.errors import DatabaseNotFoundError, SchemaVersionError, StoreError
+from aiohttp_session_store.errors import (
+    DatabaseNotFoundError,
+    ForeignDatabaseError,
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailableError,
+)
 from aiohttp_session_store.migrations import (
     MIGRATIONS,
     SCHEMA_VERSION_KEY,
@@ -338,6 +344,31 @@ async def test_read_only_refuses_a_schema_that_needs_migrating(pg_schema: str) -
 # -- versions ---------------------------------------------------------------------------
 
 
+async def test_an_unreadable_version_is_a_schema_version_error(pg_schema: str) -> None:
+    first = PostgresBackend(PG_DSN, schema=pg_schema)
+    await first.open()
+    await first.close()
+    await sql(pg_schema, "UPDATE metadata SET value = 'banana' WHERE key = $1", SCHEMA_VERSION_KEY)
+    # The same type and message as on SQLite (test_migrations).
+    for read_only in (False, True):
+        backend = PostgresBackend(PG_DSN, schema=pg_schema, read_only=read_only)
+        with pytest.raises(SchemaVersionError, match=f"schema '{pg_schema}' has an unreadable"):
+            await backend.open()
+        await backend.close()
+
+
+async def test_too_old_and_too_new_hints_are_the_shared_ones(pg_schema: str) -> None:
+    first = PostgresBackend(PG_DSN, schema=pg_schema)
+    await first.open()
+    await first.close()
+    reader = PostgresBackend(PG_DSN, schema=pg_schema, read_only=True, migrations=V2_MIGRATIONS)
+    with pytest.raises(SchemaVersionError, match=r"needs \d+: run migrate \(`python -m"):
+        await reader.open()
+    older = PostgresBackend(PG_DSN, schema=pg_schema, migrations=MIGRATIONS[:1])
+    with pytest.raises(SchemaVersionError, match=r"newer than .*: upgrade the package"):
+        await older.open()
+
+
 async def test_newer_schema_version_is_refused_untouched(pg_schema: str) -> None:
     newer = PostgresBackend(PG_DSN, schema=pg_schema, migrations=V2_MIGRATIONS)
     await newer.open()
@@ -395,10 +426,10 @@ async def test_failing_migration_leaves_nothing_half_done(pg_schema: str) -> Non
 # -- connecting -------------------------------------------------------------------------
 
 
-async def test_unreachable_server_is_a_store_error() -> None:
+async def test_unreachable_server_is_store_unavailable() -> None:
     # Port 1 on localhost: nothing listens there, the connection is refused at once.
     backend = PostgresBackend("postgresql://postgres@127.0.0.1:1/test", command_timeout=5)
-    with pytest.raises(StoreError, match="cannot connect"):
+    with pytest.raises(StoreUnavailableError, match="cannot connect"):
         await backend.open()
     await backend.close()
 
@@ -411,3 +442,57 @@ async def test_missing_database_read_only_is_not_found(pg_schema: str) -> None:
     writer = PostgresBackend(missing)
     with pytest.raises(StoreError, match="cannot connect"):
         await writer.open()
+
+
+# -- someone else's schema ---------------------------------------------------------------
+
+
+async def admin(*statements: str) -> None:
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def test_a_schema_holding_foreign_tables_is_refused_untouched(pg_schema: str) -> None:
+    await admin(
+        f'CREATE SCHEMA "{pg_schema}"',
+        f'CREATE TABLE "{pg_schema}".customers (id BIGINT, name TEXT)',
+    )
+    backend = PostgresBackend(PG_DSN, schema=pg_schema)
+    with pytest.raises(ForeignDatabaseError, match=f"schema '{pg_schema}' holds tables") as info:
+        await backend.open()
+    assert "customers" in str(info.value)
+    await backend.close()
+    rows = await sql(pg_schema, "SELECT tablename FROM pg_tables WHERE schemaname = $1", pg_schema)
+    assert [r["tablename"] for r in rows] == ["customers"]
+
+    adopted = PostgresBackend(PG_DSN, schema=pg_schema, adopt=True)
+    await adopted.open()
+    try:
+        assert await adopted.schema_version() == LATEST
+    finally:
+        await adopted.close()
+    again = PostgresBackend(PG_DSN, schema=pg_schema)
+    await again.open()
+    await again.close()
+
+
+async def test_only_the_target_schema_is_checked(pg_schema: str) -> None:
+    other = f"{pg_schema}_o"
+    await admin(
+        f'CREATE SCHEMA "{other}"',
+        f'CREATE TABLE "{other}".customers (id BIGINT)',
+        f'CREATE SCHEMA "{pg_schema}"',  # existing but empty: fine
+    )
+    try:
+        backend = PostgresBackend(PG_DSN, schema=pg_schema)
+        await backend.open()
+        try:
+            assert await backend.schema_version() == LATEST
+        finally:
+            await backend.close()
+    finally:
+        await admin(f'DROP SCHEMA "{other}" CASCADE')

@@ -16,7 +16,12 @@ import pytest
 
 from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
-from aiohttp_session_store.errors import DatabaseNotFoundError, SchemaVersionError, StoreError
+from aiohttp_session_store.errors import (
+    DatabaseNotFoundError,
+    ForeignDatabaseError,
+    SchemaVersionError,
+    StoreError,
+)
 from aiohttp_session_store.migrations import (
     METADATA_DDL,
     MIGRATIONS,
@@ -204,6 +209,17 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, int, int]]] = {
         ("first_byte_ms", "INTEGER", 0, 0),
         ("created_at", "INTEGER", 1, 0),
     ],
+    "lineage": [
+        ("hash", "TEXT", 0, 1),
+        ("scope", "TEXT", 1, 0),
+        ("session_id", "TEXT", 0, 0),
+        ("chat_id", "TEXT", 0, 0),
+        ("node_id", "TEXT", 1, 0),
+        ("response_id", "TEXT", 0, 0),
+        ("depth", "INTEGER", 1, 0),
+        ("parent_hash", "TEXT", 0, 0),
+        ("created_at", "INTEGER", 1, 0),
+    ],
     "metadata": [
         ("key", "TEXT", 0, 1),
         ("value", "TEXT", 1, 0),
@@ -224,6 +240,9 @@ EXPECTED_INDEXES: set[tuple[str, tuple[str, ...], int, str]] = {
     ("responses", ("request_id",), 0, "c"),
     ("responses", ("session_id",), 0, "c"),
     ("responses", ("timestamp",), 0, "c"),
+    ("lineage", ("hash",), 1, "pk"),
+    ("lineage", ("session_id",), 0, "c"),
+    ("lineage", ("created_at",), 0, "c"),
     ("metadata", ("key",), 1, "pk"),
 }
 EXPECTED_INDEX_NAMES = {
@@ -235,6 +254,8 @@ EXPECTED_INDEX_NAMES = {
     "idx_responses_request_id",
     "idx_responses_session_id",
     "idx_responses_timestamp",
+    "idx_lineage_session_id",
+    "idx_lineage_created_at",
 }
 
 
@@ -463,14 +484,26 @@ async def test_metadata_uses_its_own_key_and_leaves_other_rows_alone(db_path: Pa
     assert query(db_path, "SELECT updated_at FROM metadata WHERE key = 'schema_version'") == [(7,)]
 
 
-async def test_an_unreadable_version_is_a_store_error(db_path: Path) -> None:
+async def test_an_unreadable_version_is_a_schema_version_error(db_path: Path) -> None:
     await make_store(db_path)
     execute(
         db_path,
         f"UPDATE metadata SET value = 'banana' WHERE key = '{SCHEMA_VERSION_KEY}'",
     )
-    with pytest.raises(StoreError, match="banana"):
-        await SQLiteBackend(db_path).open()
+    # The same type and message as on PostgreSQL (test_backends_postgres).
+    for read_only in (False, True):
+        with pytest.raises(SchemaVersionError, match=r"sessions\.db has an unreadable .*banana"):
+            await SQLiteBackend(db_path, read_only=read_only).open()
+
+
+async def test_too_old_and_too_new_hints_are_the_shared_ones(db_path: Path) -> None:
+    await make_store(db_path)
+    reader = SQLiteBackend(db_path, read_only=True, migrations=(*MIGRATIONS, extra_migration()))
+    with pytest.raises(SchemaVersionError, match=r"needs \d+: run migrate \(`python -m"):
+        await reader.open()
+    older = SQLiteBackend(db_path, migrations=MIGRATIONS[:1])
+    with pytest.raises(SchemaVersionError, match=r"newer than .*: upgrade the package"):
+        await older.open()
 
 
 # -- SQLite: read-only opens -------------------------------------------------------------
@@ -573,3 +606,49 @@ async def test_operations_on_a_closed_backend_are_store_errors(db_path: Path) ->
     await b.close()
     with pytest.raises(StoreError, match="not open"):
         await b.count_sessions()
+
+
+# -- SQLite: someone else's database -----------------------------------------------------
+
+
+async def test_a_foreign_file_is_refused_untouched(db_path: Path) -> None:
+    execute(
+        db_path,
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)",
+        "INSERT INTO customers VALUES (1, 'Ada')",
+    )
+    digest = sha256(db_path)
+    with pytest.raises(ForeignDatabaseError) as info:
+        await SQLiteBackend(db_path).open()
+    message = str(info.value)
+    assert str(db_path) in message
+    assert "customers" in message
+    assert "adopt=True" in message
+    assert isinstance(info.value, StoreError)
+    # Nothing added, not even the journal mode switched.
+    assert sha256(db_path) == digest
+    assert tables(db_path) == {"customers"}
+
+
+async def test_a_foreign_file_is_used_when_adopted(db_path: Path) -> None:
+    execute(db_path, "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    execute(db_path, "INSERT INTO customers VALUES (1, 'Ada')")
+    b = SQLiteBackend(db_path, adopt=True)
+    await b.open()
+    await b.close()
+    assert {"customers", "sessions", "metadata"} <= tables(db_path)
+    assert query(db_path, "SELECT name FROM customers") == [("Ada",)]
+    # Adopted once, it carries our version: a plain open needs no flag any more.
+    b = SQLiteBackend(db_path)
+    await b.open()
+    await b.close()
+
+
+async def test_an_empty_file_is_not_foreign(db_path: Path) -> None:
+    write(db_path, b"")
+    b = SQLiteBackend(db_path)
+    await b.open()
+    try:
+        assert await b.schema_version() == LATEST
+    finally:
+        await b.close()

@@ -1,4 +1,5 @@
-"""Choosing a backend from a `database` argument; the backends themselves are one module each."""
+"""Choosing a backend from a `database` argument. The SQL both backends send lives once in
+the core (dialect, codecs, queries, core, sql); sqlite and postgres hold connections."""
 
 from __future__ import annotations
 

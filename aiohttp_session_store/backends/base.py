@@ -161,17 +161,17 @@ class Backend(abc.ABC):
     # -- conversation lineage ----------------------------------------------------------
     # Nodes are written by `write_batch` (`batch.nodes`, insert-or-keep-first by hash).
 
+    @abc.abstractmethod
     async def get_lineage_nodes(self, hashes: Sequence[str]) -> list[LineageNode]:
         """The stored nodes whose `hash` is one of `hashes` (one indexed query)."""
-        raise NotImplementedError(f"the {self.name} backend does not store lineage yet")
 
+    @abc.abstractmethod
     async def list_lineage_nodes(self, session_id: str) -> list[LineageNode]:
         """Every node recorded for `session_id`, oldest first (the conversation's tree)."""
-        raise NotImplementedError(f"the {self.name} backend does not store lineage yet")
 
+    @abc.abstractmethod
     async def delete_lineage_before(self, cutoff: int, limit: int) -> int:
         """Delete at most `limit` nodes with `created_at < cutoff`; return how many went."""
-        raise NotImplementedError(f"the {self.name} backend does not store lineage yet")
 
     def is_permanent_error(self, exc: BaseException) -> bool:
         """True when retrying `write_batch` cannot help (a constraint or data error).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = (
+    "LINEAGE_COLUMNS",
     "MUTABLE_RESPONSE_COLUMNS",
     "ORPHAN_GRACE_MS",
     "REQUEST_COLUMNS",
@@ -69,3 +70,14 @@ MUTABLE_RESPONSE_COLUMNS: Final = tuple(
 # never loses its request; a request left without one this long past the cutoff is an
 # orphan (a crash lost its response) and goes too.
 ORPHAN_GRACE_MS: Final = 86_400_000
+LINEAGE_COLUMNS: Final = (
+    "hash",
+    "scope",
+    "session_id",
+    "chat_id",
+    "node_id",
+    "response_id",
+    "depth",
+    "parent_hash",
+    "created_at",
+)
