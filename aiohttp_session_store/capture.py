@@ -25,6 +25,7 @@ __all__ = (
     "ResponseCapture",
     "body_text",
     "is_event_stream",
+    "response_body",
     "stored_text",
     "summarize_body",
 )
@@ -217,3 +218,20 @@ def summarize_body(data: bytes, limit: int, *, sse: bool = False) -> CapturedBod
     text, truncated = body_text(data, limit)
     summary = _EMPTY_SUMMARY if truncated else _summary_of_json(text)
     return CapturedBody(text=text, truncated=truncated, summary=summary)
+
+
+def response_body(
+    response: web.StreamResponse | None, capture: ResponseCapture | None, limit: int
+) -> CapturedBody | None:
+    """The reply of a call as stored: what the tee saw, else a whole `web.Response` body."""
+    if capture is not None:
+        return capture.result()
+    if isinstance(response, web.Response):
+        data = response.body
+        if isinstance(data, (bytes, bytearray)):
+            if is_event_stream(response):
+                return summarize_body(bytes(data), limit, sse=True)
+            body = summarize_body(bytes(data), limit)
+            body.text = stored_text(body.text or "", body.truncated, len(data))
+            return body
+    return None

@@ -6,7 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-__all__ = ("DEFAULT_REDACT_HEADERS", "BodyRedactor", "Durability", "StoreConfig")
+__all__ = (
+    "DEFAULT_REDACT_BODY_FIELDS",
+    "DEFAULT_REDACT_HEADERS",
+    "BodyRedactor",
+    "Durability",
+    "StoreConfig",
+)
 
 Durability = Literal["batched", "sync"]
 
@@ -19,6 +25,26 @@ DEFAULT_REDACT_HEADERS: Final = (
     "Cookie",
     "X-Api-Key",
     "Proxy-Authorization",
+    # Other vendors' credential headers, and cookies set by an upstream reply.
+    "Set-Cookie",
+    "Api-Key",
+    "X-Goog-Api-Key",
+    "Anthropic-Api-Key",
+    "X-Anthropic-Api-Key",
+    "X-Auth-Token",
+    "X-Access-Token",
+    "X-Amz-Security-Token",
+    "Ocp-Apim-Subscription-Key",
+)
+
+#: Top-level fields of a JSON body that carry credentials (matched exactly).
+DEFAULT_REDACT_BODY_FIELDS: Final = (
+    "access_token",
+    "accessToken",
+    "apiKey",
+    "api_key",
+    "key",
+    "secret_key",
 )
 
 
@@ -48,6 +74,9 @@ class StoreConfig:
     redact_body: BodyRedactor | None = None
     #: Headers that may also carry secrets under other names (matched case-insensitively).
     extra_redact_headers: tuple[str, ...] = field(default=())
+    #: Top-level JSON body fields stored as "[REDACTED]" (requests and upstream bodies);
+    #: () stores them as sent.
+    redact_body_fields: tuple[str, ...] = DEFAULT_REDACT_BODY_FIELDS
 
     def __post_init__(self) -> None:
         if self.session_timeout <= 0:
@@ -71,6 +100,9 @@ class StoreConfig:
         # Accept any iterable of strings but store a tuple so the config stays hashable.
         object.__setattr__(self, "paths", tuple(self.paths))
         object.__setattr__(self, "redact_headers", tuple(self.redact_headers))
+        if isinstance(self.redact_body_fields, str):
+            raise TypeError("redact_body_fields must be a tuple of field names, not a string")
+        object.__setattr__(self, "redact_body_fields", tuple(self.redact_body_fields))
 
     @property
     def redacted_header_names(self) -> frozenset[str]:
