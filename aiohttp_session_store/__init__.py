@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .assembler import AssembledStream, ChatStreamAssembler, CompletionSummary, completion_summary
 from .config import StoreConfig
 from .errors import (
     BackendUnavailableError,
@@ -25,17 +26,23 @@ from .plugin import (
     set_upstream,
     setup,
 )
+from .sse import SSEEvent, SSEParser
 
 __version__ = "0.1.0"
 
 __all__ = (
     "STORE_KEY",
+    "AssembledStream",
     "BackendUnavailableError",
+    "ChatStreamAssembler",
+    "CompletionSummary",
     "DatabaseNotFoundError",
     "ForeignDatabaseError",
     "InvalidSessionIdError",
     "RequestRecord",
     "ResponseRecord",
+    "SSEEvent",
+    "SSEParser",
     "SchemaVersionError",
     "Session",
     "SessionManager",
@@ -44,6 +51,7 @@ __all__ = (
     "StoreError",
     "StoreUnavailableError",
     "StoreWriteError",
+    "completion_summary",
     "generate_session_id",
     "get_session",
     "get_store",

@@ -5,6 +5,18 @@ objects into the `chat.completion` object the same call would have returned unst
 content and reasoning joined, tool calls assembled by index, each choice's own finish_reason
 and the usage when the stream carried one. `completion_summary` reads the token counts and
 finish_reason off such an object, whichever way it was obtained.
+
+Public API (`from aiohttp_session_store import ChatStreamAssembler, SSEParser`): to learn
+what a streamed reply said, e.g. to store or forward the whole text::
+
+    parser, assembler = SSEParser(), ChatStreamAssembler(max_text_chars=1 << 20)
+    for chunk in chunks:
+        for event in parser.feed(chunk):
+            assembler.feed(event)
+    reply = assembler.result()
+    reply.completion  # the chat.completion object (None if no event was a chat chunk)
+    assembler.content  # choice 0's text so far, cheap to ask again while streaming
+    reply.summary.total_tokens, reply.summary.finish_reason
 """
 
 from __future__ import annotations

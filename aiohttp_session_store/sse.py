@@ -11,6 +11,17 @@ Two deliberate additions to the standard: `SSEEvent.retry` carries a `retry` fie
 the event's own block (the standard only updates the connection's reconnection time, which
 this parser also keeps as `SSEParser.retry`), and a size guard that drops any event whose
 lines exceed `max_event_bytes` instead of buffering it.
+
+Public API (`from aiohttp_session_store import SSEParser`): a proxy that reads an upstream
+event stream feeds each chunk it receives and acts on whole events::
+
+    parser = SSEParser()
+    async for chunk in upstream.content.iter_any():
+        for event in parser.feed(chunk):
+            if event.data == "[DONE]":
+                break
+            chunk_obj = json.loads(event.data)
+    parser.close()  # the stream ended: an unterminated last event is discarded
 """
 
 from __future__ import annotations

@@ -666,3 +666,22 @@ def test_max_text_chars_bounds_tool_arguments_and_reasoning_too() -> None:
     message = result.completion["choices"][0]["message"]
     assert message["reasoning_content"] == "think " * 5
     assert message["tool_calls"][0]["function"]["arguments"] == ""
+
+
+def test_parser_and_assembler_are_public_api() -> None:
+    import aiohttp_session_store as package
+
+    assert {"SSEParser", "SSEEvent", "ChatStreamAssembler", "completion_summary"} <= set(
+        package.__all__
+    )
+    parser, assembler = package.SSEParser(), package.ChatStreamAssembler()
+    stream = (
+        b'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": '
+        b'{"content": "Hi"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    )
+    for event in parser.feed(stream):
+        assembler.feed(event)
+    reply = assembler.result()
+    assert reply.done
+    assert assembler.content == "Hi"
+    assert reply.summary.finish_reason == "stop"
