@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = (
     "ResponseCapture",
     "body_text",
     "is_event_stream",
+    "one_replacement",
     "response_body",
     "stored_text",
     "summarize_body",
@@ -32,6 +34,21 @@ __all__ = (
 
 log: Final = logging.getLogger("aiohttp_session_store.capture")
 _EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def one_replacement(text: str) -> str:
+    """`text` with each lone surrogate (from a JSON "\\ud800") as ONE U+FFFD.
+
+    No database stores them, and decoding their surrogatepass bytes would make three.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def is_event_stream(response: web.StreamResponse) -> bool:
@@ -180,9 +197,9 @@ class ResponseCapture:
         else:
             text = json.dumps(assembled.raw_events, ensure_ascii=False)
             content = None
-        # surrogatepass: JSON "\ud800" in a reply must not cost the call its record (the
-        # backend stores lone surrogates as U+FFFD).
-        encoded = text.encode("utf-8", "surrogatepass")
+        # JSON "\ud800" in a reply must not cost the call its record.
+        text = one_replacement(text)
+        encoded = text.encode("utf-8")
         # Cut while streaming (text past the limit was never kept), or too long to store.
         cut = assembled.text_truncated or (assembled.raw_truncated and not assembled.openai_shaped)
         truncated = cut or len(encoded) > self._limit
@@ -193,7 +210,7 @@ class ResponseCapture:
             text=text,
             truncated=truncated,
             summary=assembled.summary,
-            content=content if isinstance(content, str) else None,
+            content=one_replacement(content) if isinstance(content, str) else None,
             stream_error=assembled.error,
         )
 

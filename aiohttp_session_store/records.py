@@ -13,13 +13,12 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from .capture import CapturedBody, ResponseCapture, body_text, stored_text
+from .capture import CapturedBody, ResponseCapture, body_text, one_replacement, stored_text
 from .config import StoreConfig
 from .hashing import first_user_text, generate_session_id, scoped_session_id, validate_session_id
 from .models import Outcome, RequestRecord, ResponseRecord, Session, now_ms
@@ -27,7 +26,7 @@ from .models import Outcome, RequestRecord, ResponseRecord, Session, now_ms
 if TYPE_CHECKING:
     from .manager import Turn
 
-__all__ = ("REDACTED", "RecordBuilder", "Recording", "new_id", "one_replacement")
+__all__ = ("REDACTED", "RecordBuilder", "Recording", "new_id")
 
 log: Final = logging.getLogger("aiohttp_session_store.records")
 
@@ -36,26 +35,11 @@ REDACTED: Final = "[REDACTED]"
 _REDACTION_FAILED: Final = "[redaction failed]"
 #: "Not set by the handler" (None is a value a handler may set).
 _UNSET: Final[Any] = object()
-_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def new_id() -> str:
     """A random 128-bit id in hex (as uuid4().hex is): a sixth of its cost, twice a call."""
     return os.urandom(16).hex()
-
-
-def one_replacement(text: str) -> str:
-    """`text` with each lone surrogate (from a JSON "\\ud800") as ONE U+FFFD.
-
-    No database stores them; re-decoding their surrogatepass bytes would make three.
-    """
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return _LONE_SURROGATE.sub("\ufffd", text)
-    return text
 
 
 @dataclass(slots=True)

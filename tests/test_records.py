@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from aiohttp_session_store import StoreConfig
-from aiohttp_session_store.capture import summarize_body
+from aiohttp_session_store.capture import one_replacement, summarize_body
 from aiohttp_session_store.errors import InvalidSessionIdError
 from aiohttp_session_store.hashing import generate_session_id
 from aiohttp_session_store.manager import Turn
-from aiohttp_session_store.records import REDACTED, RecordBuilder, Recording, one_replacement
+from aiohttp_session_store.records import REDACTED, RecordBuilder, Recording
 
 STARTED = 100.0
 
