@@ -110,6 +110,9 @@ class AssembledStream:
     raw_truncated: bool = False
     #: Text was left out of `completion` to stay within `max_text_chars`: it holds a prefix.
     text_truncated: bool = False
+    #: An event came cut (`SSEEvent.truncated`): `completion` lacks it, `raw_events` ends
+    #: with what of it fitted.
+    events_cut: bool = False
 
 
 class _Budget:
@@ -300,6 +303,7 @@ class ChatStreamAssembler:
         "_choices",
         "_done",
         "_error",
+        "_events_cut",
         "_header",
         "_max_raw_bytes",
         "_max_raw_events",
@@ -329,6 +333,7 @@ class ChatStreamAssembler:
         self._raw_truncated = False
         self._openai_shaped = False
         self._done = False
+        self._events_cut = False
         self._error: Any | None = None
         self._header: dict[str, Any] = {}
         self._usage: dict[str, Any] | None = None
@@ -337,6 +342,11 @@ class ChatStreamAssembler:
     def feed(self, event: SSEEvent) -> None:
         """Take one event: "[DONE]" marks the end, chat chunks are merged, the rest kept raw."""
         data = event.data
+        if event.truncated:
+            # A cut JSON object cannot be merged; its prefix is what there is to keep.
+            self._events_cut = True
+            self._keep_raw(data, cut=True)
+            return
         self._keep_raw(data)
         text = data.strip()
         if text == "[DONE]":
@@ -383,16 +393,22 @@ class ChatStreamAssembler:
             summary=completion_summary(completion),
             raw_truncated=self._raw_truncated,
             text_truncated=self._budget.exhausted,
+            events_cut=self._events_cut,
         )
 
-    def _keep_raw(self, data: str) -> None:
+    def _keep_raw(self, data: str, *, cut: bool = False) -> None:
         if self._raw_truncated:
             # Once one is left out, keep none after it: a prefix is easier to read than holes.
             return
         size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
         if len(self._raw) >= self._max_raw_events or self._raw_bytes + size > self._max_raw_bytes:
             self._raw_truncated = True
-            return
+            room = self._max_raw_bytes - self._raw_bytes
+            if not cut or room <= 0 or len(self._raw) >= self._max_raw_events:
+                return
+            # A cut event ends the kept prefix with as much of it as fits.
+            data = data.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore")
+            size = room
         self._raw.append(data)
         self._raw_bytes += size
 

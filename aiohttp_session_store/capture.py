@@ -159,7 +159,7 @@ class ResponseCapture:
 
     def _start_sse(self) -> None:
         self.sse = True
-        self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024))
+        self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024), keep_cut_events=True)
         # Text past the limit would be cut from the stored record anyway: not keeping it
         # bounds the memory a long reply takes while it streams.
         self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit, max_text_chars=self._limit)
@@ -189,7 +189,12 @@ class ResponseCapture:
                 summary=_EMPTY_SUMMARY if truncated else _summary_of_json(text),
             )
         assembled = self._assembler.result()
-        if assembled.openai_shaped and assembled.completion is not None:
+        # The completion would lack a cut event entirely: the events' prefix shows it.
+        if (
+            assembled.openai_shaped
+            and assembled.completion is not None
+            and not assembled.events_cut
+        ):
             text = json.dumps(assembled.completion, ensure_ascii=False)
             choices = assembled.completion.get("choices") or [{}]
             message = choices[0].get("message") or {}
@@ -201,7 +206,12 @@ class ResponseCapture:
         text = one_replacement(text)
         encoded = text.encode("utf-8")
         # Cut while streaming (text past the limit was never kept), or too long to store.
-        cut = assembled.text_truncated or (assembled.raw_truncated and not assembled.openai_shaped)
+        overflowed = self._parser is not None and self._parser.overflowed
+        cut = (
+            assembled.text_truncated
+            or overflowed
+            or (assembled.raw_truncated and (assembled.events_cut or not assembled.openai_shaped))
+        )
         truncated = cut or len(encoded) > self._limit
         if truncated:
             prefix = encoded[: self._limit].decode("utf-8", "ignore")

@@ -10,7 +10,8 @@ one `data` line, and an unterminated event at the end of the stream discarded.
 Two deliberate additions to the standard: `SSEEvent.retry` carries a `retry` field given in
 the event's own block (the standard only updates the connection's reconnection time, which
 this parser also keeps as `SSEParser.retry`), and a size guard that drops any event whose
-lines exceed `max_event_bytes` instead of buffering it.
+lines exceed `max_event_bytes` instead of buffering it (or, with `keep_cut_events=True`,
+dispatches its first `max_event_bytes` bytes marked `truncated`).
 
 Public API (`from aiohttp_session_store import SSEParser`): a proxy that reads an upstream
 event stream feeds each chunk it receives and acts on whole events::
@@ -50,6 +51,9 @@ class SSEEvent:
     event: str = "message"
     id: str | None = None
     retry: int | None = None
+    #: Only with `keep_cut_events`: the event exceeded `max_event_bytes` and `data` holds
+    #: what its lines said within that many bytes.
+    truncated: bool = False
 
 
 class SSEParser:
@@ -68,8 +72,10 @@ class SSEParser:
         "_event_retry",
         "_event_type",
         "_head",
+        "_keep_cut",
         "_partial",
         "_skipping",
+        "_truncated",
         "bytes_seen",
         "last_event_id",
         "max_event_bytes",
@@ -77,10 +83,13 @@ class SSEParser:
         "retry",
     )
 
-    def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
+    def __init__(self, *, max_event_bytes: int = 1 << 20, keep_cut_events: bool = False) -> None:
         if max_event_bytes < 1:
             raise ValueError(f"max_event_bytes must be at least 1, not {max_event_bytes}")
         self.max_event_bytes = max_event_bytes
+        # A recorder keeps a cut prefix of an oversized event (and says so) rather than
+        # letting it vanish; a client acting on events wants none or all of one.
+        self._keep_cut = keep_cut_events
         #: True once an event was dropped for exceeding `max_event_bytes`.
         self.overflowed = False
         #: Every byte passed to `feed`, BOM and line terminators included.
@@ -108,6 +117,7 @@ class SSEParser:
         self._event_type = ""
         self._event_retry: int | None = None
         self._event_bytes = 0
+        self._truncated = False
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[SSEEvent]:
         """Parse the next chunk of the stream; return the events it completed, in order."""
@@ -146,7 +156,10 @@ class SSEParser:
             if self._skipping:
                 if not line:
                     self._skipping = False
-                    self._reset_event()
+                    if self._truncated and self._data:
+                        events.append(self._dispatch())
+                    else:
+                        self._reset_event()
                 continue
             if not line:
                 if self._data:
@@ -156,9 +169,10 @@ class SSEParser:
                 continue
             if line[0] == _COLON:
                 continue
+            room = self.max_event_bytes - self._event_bytes
             self._event_bytes += len(line)
             if self._event_bytes > self.max_event_bytes:
-                self._overflow()
+                self._overflow(line[:room])
                 continue
             self._field(line)
         if tail:
@@ -189,16 +203,25 @@ class SSEParser:
                 partial += b":"
             return
         if self._event_bytes + len(partial) + len(data) > self.max_event_bytes:
-            self._overflow()
+            room = self.max_event_bytes - self._event_bytes
+            self._overflow(bytes(partial[:room]) + data[: max(room - len(partial), 0)])
             partial.clear()
             partial += b"x"
             return
         partial += data
 
-    def _overflow(self) -> None:
+    def _overflow(self, cut_line: bytes) -> None:
+        """The event went past `max_event_bytes`: `cut_line` is what of it fits."""
         self.overflowed = True
         self._skipping = True
-        self._reset_event()
+        if not self._keep_cut:
+            self._reset_event()
+            return
+        self._truncated = True
+        if cut_line:
+            # The cut may split a character: a partial one at the end is dropped, not
+            # replaced, so the prefix holds only what was really sent.
+            self._field(_whole_chars(cut_line))
 
     def _field(self, line: bytes) -> None:
         colon = line.find(b":")
@@ -233,6 +256,19 @@ class SSEParser:
             self._event_type or "message",
             self.last_event_id,
             self._event_retry,
+            self._truncated,
         )
         self._reset_event()
         return event
+
+
+def _whole_chars(data: bytes) -> bytes:
+    """`data` without a UTF-8 sequence cut off at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return data
+        if byte >= 0xC0:  # a lead byte: is its sequence whole?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if back >= need else data[:-back]
+    return data

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from aiohttp_session_store.sse import SSEEvent, SSEParser
 
 
-def parse(*chunks: bytes, max_event_bytes: int = 1 << 20) -> list[SSEEvent]:
-    parser = SSEParser(max_event_bytes=max_event_bytes)
+def parse(
+    *chunks: bytes, max_event_bytes: int = 1 << 20, keep_cut_events: bool = False
+) -> list[SSEEvent]:
+    parser = SSEParser(max_event_bytes=max_event_bytes, keep_cut_events=keep_cut_events)
     events: list[SSEEvent] = []
     for chunk in chunks:
         events += parser.feed(chunk)
@@ -381,6 +383,37 @@ _TEXT = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"),
     max_size=20,
 )
+
+
+class TestKeepCutEvents:
+    """For a recorder: an oversized event is kept as a marked prefix, never dropped."""
+
+    def test_oversized_event_comes_out_cut_and_marked_in_any_chunking(self) -> None:
+        stream = b"id: 7\ndata: " + b"x" * 200 + b"\ndata: more\n\ndata: next\n\n"
+        # 100 bytes: "id: 7" (5) leaves 95 for the data line, "data: " and 89 x.
+        expected = [SSEEvent("x" * 89, id="7", truncated=True), SSEEvent("next", id="7")]
+        assert parse(stream, max_event_bytes=100, keep_cut_events=True) == expected
+        assert parse(*bytewise(stream), max_event_bytes=100, keep_cut_events=True) == expected
+        for i in range(0, len(stream), 7):
+            parts = (stream[:i], stream[i:])
+            assert parse(*parts, max_event_bytes=100, keep_cut_events=True) == expected, i
+
+    def test_lines_adding_up_over_the_limit_keep_the_ones_that_fit(self) -> None:
+        stream = b"data: 123456789\n" * 20 + b"\n"
+        (event,) = parse(stream, max_event_bytes=50, keep_cut_events=True)
+        # Three whole lines (45 bytes), then 5 bytes of the fourth: "data:" and no value.
+        assert event == SSEEvent("123456789\n123456789\n123456789\n", truncated=True)
+
+    def test_a_character_split_by_the_cut_is_left_out(self) -> None:
+        stream = b"data: " + "é".encode() * 100 + b"\n\n"
+        (event,) = parse(stream, max_event_bytes=11, keep_cut_events=True)
+        assert event == SSEEvent("éé", truncated=True)  # 6 + 4 bytes; the 11th is half an é
+
+    def test_an_unterminated_oversized_event_is_still_discarded(self) -> None:
+        parser = SSEParser(max_event_bytes=10, keep_cut_events=True)
+        assert parser.feed(b"data: " + b"x" * 50) == []
+        assert parser.close() == []
+        assert parser.overflowed
 
 
 @dataclass(frozen=True)
