@@ -115,27 +115,47 @@ class AssembledStream:
     events_cut: bool = False
 
 
-class _Budget:
-    """How much text (in characters) a stream may still add to its assembled reply.
+#: Characters of budget per choice or tool call a stream may open (each is an object of
+#: its own, counted apart from the text so a small budget still holds a few).
+_PART_COST = 64
 
-    Shared by every choice of one stream, so a reply longer than the store will keep can
-    never grow the proxy's memory without bound; usage and finish reasons still arrive.
+
+class _Budget:
+    """How much (in characters) a stream may still add to its assembled reply.
+
+    Shared by every choice of one stream and charged for everything kept (text, logprobs,
+    each new choice and tool call), so a reply longer than the store will keep can never
+    grow the proxy's memory without bound; usage and finish reasons still arrive.
     """
 
-    __slots__ = ("exhausted", "left")
+    __slots__ = ("exhausted", "left", "parts_left")
 
     def __init__(self, chars: int | None) -> None:
         self.left = chars
+        self.parts_left = None if chars is None else max(8, chars // _PART_COST)
         self.exhausted = False
 
+    def open_part(self) -> bool:
+        """May the stream open one more choice or tool call?"""
+        if self.parts_left is None:
+            return True
+        if self.parts_left <= 0:
+            self.exhausted = True
+            return False
+        self.parts_left -= 1
+        return True
+
     def take(self, text: str) -> bool:
+        return self.charge(len(text))
+
+    def charge(self, size: int) -> bool:
         if self.left is None:
             return True
-        if len(text) > self.left:
+        if size > self.left:
             self.exhausted = True
             self.left = 0
             return False
-        self.left -= len(text)
+        self.left -= size
         return True
 
 
@@ -223,6 +243,8 @@ class _Choice:
                 index = position
         state = self.tool_calls.get(index)
         if state is None:
+            if not self.budget.open_part():
+                return
             state = self.tool_calls[index] = _ToolCall()
         if state.id is None and isinstance(call_id, str) and call_id:
             state.id = call_id
@@ -238,9 +260,10 @@ class _Choice:
             if isinstance(arguments, str) and self.budget.take(arguments):
                 state.arguments.append(arguments)
 
-    def merge_logprobs(self, logprobs: Mapping[str, Any]) -> None:
+    def merge_logprobs(self, logprobs: Mapping[str, Any], size: int) -> None:
+        """Add a chunk's logprobs; `size` is what they cost the budget (their JSON's bound)."""
         # Each chunk carries the logprobs of its own tokens: the lists concatenate.
-        if self.budget.exhausted:
+        if self.budget.exhausted or not self.budget.charge(size):
             return
         if self.logprobs is None:
             self.logprobs = {}
@@ -367,7 +390,7 @@ class ChatStreamAssembler:
         choices = obj.get("choices")
         if isinstance(choices, list) or obj.get("object") == "chat.completion.chunk":
             self._openai_shaped = True
-            self._merge(obj, choices if isinstance(choices, list) else [])
+            self._merge(obj, choices if isinstance(choices, list) else [], len(text))
 
     @property
     def content(self) -> str:
@@ -412,7 +435,8 @@ class ChatStreamAssembler:
         self._raw.append(data)
         self._raw_bytes += size
 
-    def _merge(self, chunk: dict[str, Any], choices: list[Any]) -> None:
+    def _merge(self, chunk: dict[str, Any], choices: list[Any], size: int) -> None:
+        """Merge one chunk; `size`: its JSON's length, what its logprobs may cost at most."""
         header = self._header
         for key in _HEADER_KEYS:
             if key not in header:
@@ -433,6 +457,8 @@ class ChatStreamAssembler:
                 index = position
             state = self._choices.get(index)
             if state is None:
+                if not self._budget.open_part():
+                    continue
                 state = self._choices[index] = _Choice(self._budget)
             delta = choice.get("delta")
             if not isinstance(delta, dict):
@@ -445,7 +471,9 @@ class ChatStreamAssembler:
                 state.finish_reason = finish_reason
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, dict):
-                state.merge_logprobs(logprobs)
+                # Charged once per chunk, by the chunk's whole length: a cheap upper bound.
+                state.merge_logprobs(logprobs, size)
+                size = 0
 
     def _choice_zero(self) -> _Choice | None:
         choice = self._choices.get(0)
