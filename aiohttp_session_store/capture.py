@@ -171,8 +171,9 @@ class ResponseCapture:
     def _feed(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes_sent += len(data)
         if self._parser is not None and self._assembler is not None:
-            for event in self._parser.feed(data):
-                self._assembler.feed(event)
+            # Data only: no object per event on the path of every streamed write.
+            for event in self._parser.feed_data(data):
+                self._assembler.feed_data(event)
         elif self._raw_size < self._limit:
             chunk = bytes(data[: self._limit - self._raw_size])
             self._raw.append(chunk)

@@ -28,9 +28,9 @@ event stream feeds each chunk it receives and acts on whole events::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-__all__ = ("SSEEvent", "SSEParser")
+__all__ = ("SSEEvent", "SSEParser", "TruncatedData")
 
 _BOM: Final = b"\xef\xbb\xbf"
 _LF: Final = 0x0A
@@ -54,6 +54,12 @@ class SSEEvent:
     #: Only with `keep_cut_events`: the event exceeded `max_event_bytes` and `data` holds
     #: what its lines said within that many bytes.
     truncated: bool = False
+
+
+class TruncatedData(str):
+    """From `SSEParser.feed_data`: the data of an event cut at `max_event_bytes`."""
+
+    __slots__ = ()
 
 
 class SSEParser:
@@ -121,6 +127,39 @@ class SSEParser:
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[SSEEvent]:
         """Parse the next chunk of the stream; return the events it completed, in order."""
+        events: list[SSEEvent] = self._parse(chunk, True)
+        return events
+
+    def feed_data(self, chunk: bytes | bytearray | memoryview) -> list[str]:
+        """As `feed`, but only the `data` of each event: no object made per event.
+
+        For a consumer that ignores event types and ids (a recorder of chat streams). The
+        data of an event cut by `keep_cut_events` comes as a `TruncatedData` (a str).
+        """
+        data = bytes(chunk)
+        size = len(data)
+        # The commonest write of a chat stream: one whole `data:` event, arriving while the
+        # parser is between events. Same result as the general path, a fraction of its work.
+        if (
+            data.endswith(b"\n\n")
+            and data.startswith(b"data: ")
+            and data.find(b"\n") == size - 2
+            and data.find(b"\r") < 0
+            and not self._at_start
+            and not self._cr_pending
+            and not self._partial
+            and not self._skipping
+            and not self._data
+            and self._event_bytes + size - 2 <= self.max_event_bytes
+        ):
+            self.bytes_seen += size
+            if self._event_bytes or self._event_type or self._event_retry is not None:
+                self._reset_event()
+            return [data[6:-2].decode("utf-8", "replace")]
+        datas: list[str] = self._parse(data, False)
+        return datas
+
+    def _parse(self, chunk: bytes | bytearray | memoryview, whole: bool) -> list[Any]:
         data = bytes(chunk)
         self.bytes_seen += len(data)
         if self._at_start:
@@ -138,7 +177,8 @@ class SSEParser:
                 data = data[1:]
         if not data:
             return []
-        if b"\r" in data:
+        # find(), not `in`: the same answer at half the cost on every write.
+        if data.find(b"\r") >= 0:
             # A trailing CR already ends its line here (no waiting for the next chunk, which
             # would delay the event); the flag only stops a following LF making a blank line.
             self._cr_pending = data[-1] == _CR
@@ -151,19 +191,20 @@ class SSEParser:
         if self._partial:
             lines[0] = bytes(self._partial) + lines[0]
             self._partial.clear()
-        events: list[SSEEvent] = []
+        events: list[Any] = []
+        dispatch = self._dispatch if whole else self._dispatch_data
         for line in lines:
             if self._skipping:
                 if not line:
                     self._skipping = False
                     if self._truncated and self._data:
-                        events.append(self._dispatch())
+                        events.append(dispatch())
                     else:
                         self._reset_event()
                 continue
             if not line:
                 if self._data:
-                    events.append(self._dispatch())
+                    events.append(dispatch())
                 else:
                     self._reset_event()
                 continue
@@ -173,6 +214,9 @@ class SSEParser:
             self._event_bytes += len(line)
             if self._event_bytes > self.max_event_bytes:
                 self._overflow(line[:room])
+                continue
+            if line.startswith(b"data: "):  # the commonest field, without a call
+                self._data.append(line[6:].decode("utf-8", "replace"))
                 continue
             self._field(line)
         if tail:
@@ -249,6 +293,14 @@ class SSEParser:
             except ValueError:  # more digits than int() accepts: not a usable delay either
                 return
             self.retry = self._event_retry = retry
+
+    def _dispatch_data(self) -> str:
+        parts = self._data
+        data = parts[0] if len(parts) == 1 else "\n".join(parts)
+        if self._truncated:
+            data = TruncatedData(data)
+        self._reset_event()
+        return data
 
     def _dispatch(self) -> SSEEvent:
         event = SSEEvent(
