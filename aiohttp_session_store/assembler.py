@@ -350,6 +350,7 @@ class ChatStreamAssembler:
         "_error",
         "_events_cut",
         "_header",
+        "_header_missing",
         "_max_raw_bytes",
         "_max_raw_events",
         "_openai_shaped",
@@ -381,24 +382,33 @@ class ChatStreamAssembler:
         self._events_cut = False
         self._error: Any | None = None
         self._header: dict[str, Any] = {}
+        # The header keys no chunk has carried yet: only these are looked up.
+        self._header_missing: tuple[str, ...] = _HEADER_KEYS
         self._usage: dict[str, Any] | None = None
         self._choices: dict[int, _Choice] = {}
 
     def feed(self, event: SSEEvent) -> None:
         """Take one event: "[DONE]" marks the end, chat chunks are merged, the rest kept raw."""
-        self._take(event.data, event.truncated)
+        self.feed_data(TruncatedData(event.data) if event.truncated else event.data)
 
     def feed_data(self, data: str) -> None:
         """Take one event's data, as `SSEParser.feed_data` gives it (cheaper than `feed`)."""
-        self._take(data, isinstance(data, TruncatedData))
-
-    def _take(self, data: str, truncated: bool) -> None:
-        if truncated:
+        if isinstance(data, TruncatedData):
             # A cut JSON object cannot be merged; its prefix is what there is to keep.
             self._events_cut = True
             self._keep_raw(data, cut=True)
             return
-        self._keep_raw(data)
+        # `_keep_raw`'s common case inline: this runs for every event of every stream.
+        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        if (
+            not self._raw_truncated
+            and len(self._raw) < self._max_raw_events
+            and self._raw_bytes + size <= self._max_raw_bytes
+        ):
+            self._raw.append(data)
+            self._raw_bytes += size
+        else:
+            self._keep_raw(data)
         # Only an object can be a chunk or an error; skip json.loads for anything else.
         # A chunk starts with "{" as sent: no stripped copy of it (JSON allows the rest).
         text = data
@@ -468,12 +478,17 @@ class ChatStreamAssembler:
 
     def _merge(self, chunk: dict[str, Any], choices: list[Any], size: int) -> None:
         """Merge one chunk; `size`: its JSON's length, what its logprobs may cost at most."""
-        header = self._header
-        for key in _HEADER_KEYS:
-            if key not in header:
+        missing = self._header_missing
+        if missing:
+            header = self._header
+            found = False
+            for key in missing:
                 value = chunk.get(key)
                 if value is not None:
                     header[key] = value
+                    found = True
+            if found:
+                self._header_missing = tuple(k for k in _HEADER_KEYS if k not in header)
         usage = chunk.get("usage")
         # Some servers repeat a cumulative usage on every chunk: the last one is the total.
         if isinstance(usage, dict):
