@@ -6,6 +6,10 @@ content and reasoning joined, tool calls assembled by index, each choice's own f
 and the usage when the stream carried one. `completion_summary` reads the token counts and
 finish_reason off such an object, whichever way it was obtained.
 
+Over the 400-line guide as one concern: the merge rules per field, the byte budget every
+kept part is charged to, and the hot path every streamed event takes are one state machine
+whose parts only make sense together.
+
 Public API (`from aiohttp_session_store import ChatStreamAssembler, SSEParser`): to learn
 what a streamed reply said, e.g. to store or forward the whole text::
 
