@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .assembler import AssembledStream, ChatStreamAssembler, CompletionSummary, completion_summary
 from .config import StoreConfig
 from .errors import (
     BackendUnavailableError,
@@ -26,19 +27,25 @@ from .plugin import (
     set_upstream,
     setup,
 )
+from .sse import SSEEvent, SSEParser
 from .turn import Turn
 
 __version__ = "0.1.0"
 
 __all__ = (
     "STORE_KEY",
+    "AssembledStream",
     "BackendUnavailableError",
+    "ChatStreamAssembler",
+    "CompletionSummary",
     "DatabaseNotFoundError",
     "ForeignDatabaseError",
     "InvalidSessionIdError",
     "LineageNode",
     "RequestRecord",
     "ResponseRecord",
+    "SSEEvent",
+    "SSEParser",
     "SchemaVersionError",
     "Session",
     "SessionManager",
@@ -48,6 +55,7 @@ __all__ = (
     "StoreUnavailableError",
     "StoreWriteError",
     "Turn",
+    "completion_summary",
     "generate_session_id",
     "get_session",
     "get_store",

@@ -5,16 +5,33 @@ objects into the `chat.completion` object the same call would have returned unst
 content and reasoning joined, tool calls assembled by index, each choice's own finish_reason
 and the usage when the stream carried one. `completion_summary` reads the token counts and
 finish_reason off such an object, whichever way it was obtained.
+
+Over the 400-line guide as one concern: the merge rules per field, the byte budget every
+kept part is charged to, and the hot path every streamed event takes are one state machine
+whose parts only make sense together.
+
+Public API (`from aiohttp_session_store import ChatStreamAssembler, SSEParser`): to learn
+what a streamed reply said, e.g. to store or forward the whole text::
+
+    parser, assembler = SSEParser(), ChatStreamAssembler(max_text_chars=1 << 20)
+    for chunk in chunks:
+        for event in parser.feed(chunk):
+            assembler.feed(event)
+    reply = assembler.result()
+    reply.completion  # the chat.completion object (None if no event was a chat chunk)
+    assembler.content  # choice 0's text so far, cheap to ask again while streaming
+    reply.summary.total_tokens, reply.summary.finish_reason
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .sse import SSEEvent
+from .sse import SSEEvent, TruncatedData
 
 __all__ = (
     "AssembledStream",
@@ -22,6 +39,27 @@ __all__ = (
     "CompletionSummary",
     "completion_summary",
 )
+
+_fast_loads: Callable[[str], Any] | None
+try:  # the "speed" extra: several times faster on the small objects of a stream
+    _fast_loads = importlib.import_module("orjson").loads
+except ImportError:  # pragma: no cover - depends on the environment
+    _fast_loads = None
+
+
+def _loads(text: str) -> Any:
+    """json.loads(text), by orjson when it is installed and agrees.
+
+    What orjson refuses and json takes (NaN, lone surrogates, huge integers) goes to the
+    stdlib, so what is assembled never depends on which parser ran.
+    """
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(text)
+        except ValueError:
+            pass
+    return json.loads(text)
+
 
 # Copied from the first chunk that has them; the rest of a chunk's top level is per-chunk.
 _HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
@@ -98,29 +136,52 @@ class AssembledStream:
     raw_truncated: bool = False
     #: Text was left out of `completion` to stay within `max_text_chars`: it holds a prefix.
     text_truncated: bool = False
+    #: An event came cut (`SSEEvent.truncated`): `completion` lacks it, `raw_events` ends
+    #: with what of it fitted.
+    events_cut: bool = False
+
+
+#: Characters of budget per choice or tool call a stream may open (each is an object of
+#: its own, counted apart from the text so a small budget still holds a few).
+_PART_COST = 64
 
 
 class _Budget:
-    """How much text (in characters) a stream may still add to its assembled reply.
+    """How much (in characters) a stream may still add to its assembled reply.
 
-    Shared by every choice of one stream, so a reply longer than the store will keep can
-    never grow the proxy's memory without bound; usage and finish reasons still arrive.
+    Shared by every choice of one stream and charged for everything kept (text, logprobs,
+    each new choice and tool call), so a reply longer than the store will keep can never
+    grow the proxy's memory without bound; usage and finish reasons still arrive.
     """
 
-    __slots__ = ("exhausted", "left")
+    __slots__ = ("exhausted", "left", "parts_left")
 
     def __init__(self, chars: int | None) -> None:
         self.left = chars
+        self.parts_left = None if chars is None else max(8, chars // _PART_COST)
         self.exhausted = False
 
+    def open_part(self) -> bool:
+        """May the stream open one more choice or tool call?"""
+        if self.parts_left is None:
+            return True
+        if self.parts_left <= 0:
+            self.exhausted = True
+            return False
+        self.parts_left -= 1
+        return True
+
     def take(self, text: str) -> bool:
+        return self.charge(len(text))
+
+    def charge(self, size: int) -> bool:
         if self.left is None:
             return True
-        if len(text) > self.left:
+        if size > self.left:
             self.exhausted = True
             self.left = 0
             return False
-        self.left -= len(text)
+        self.left -= size
         return True
 
 
@@ -208,6 +269,8 @@ class _Choice:
                 index = position
         state = self.tool_calls.get(index)
         if state is None:
+            if not self.budget.open_part():
+                return
             state = self.tool_calls[index] = _ToolCall()
         if state.id is None and isinstance(call_id, str) and call_id:
             state.id = call_id
@@ -223,9 +286,10 @@ class _Choice:
             if isinstance(arguments, str) and self.budget.take(arguments):
                 state.arguments.append(arguments)
 
-    def merge_logprobs(self, logprobs: Mapping[str, Any]) -> None:
+    def merge_logprobs(self, logprobs: Mapping[str, Any], size: int) -> None:
+        """Add a chunk's logprobs; `size` is what they cost the budget (their JSON's bound)."""
         # Each chunk carries the logprobs of its own tokens: the lists concatenate.
-        if self.budget.exhausted:
+        if self.budget.exhausted or not self.budget.charge(size):
             return
         if self.logprobs is None:
             self.logprobs = {}
@@ -288,7 +352,9 @@ class ChatStreamAssembler:
         "_choices",
         "_done",
         "_error",
+        "_events_cut",
         "_header",
+        "_header_missing",
         "_max_raw_bytes",
         "_max_raw_events",
         "_openai_shaped",
@@ -317,24 +383,48 @@ class ChatStreamAssembler:
         self._raw_truncated = False
         self._openai_shaped = False
         self._done = False
+        self._events_cut = False
         self._error: Any | None = None
         self._header: dict[str, Any] = {}
+        # The header keys no chunk has carried yet: only these are looked up.
+        self._header_missing: tuple[str, ...] = _HEADER_KEYS
         self._usage: dict[str, Any] | None = None
         self._choices: dict[int, _Choice] = {}
 
     def feed(self, event: SSEEvent) -> None:
         """Take one event: "[DONE]" marks the end, chat chunks are merged, the rest kept raw."""
-        data = event.data
-        self._keep_raw(data)
-        text = data.strip()
-        if text == "[DONE]":
-            self._done = True
+        self.feed_data(TruncatedData(event.data) if event.truncated else event.data)
+
+    def feed_data(self, data: str) -> None:
+        """Take one event's data, as `SSEParser.feed_data` gives it (cheaper than `feed`)."""
+        if isinstance(data, TruncatedData):
+            # A cut JSON object cannot be merged; its prefix is what there is to keep.
+            self._events_cut = True
+            self._keep_raw(data, cut=True)
             return
+        # `_keep_raw`'s common case inline: this runs for every event of every stream.
+        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        if (
+            not self._raw_truncated
+            and len(self._raw) < self._max_raw_events
+            and self._raw_bytes + size <= self._max_raw_bytes
+        ):
+            self._raw.append(data)
+            self._raw_bytes += size
+        else:
+            self._keep_raw(data)
         # Only an object can be a chunk or an error; skip json.loads for anything else.
-        if not text.startswith("{"):
-            return
+        # A chunk starts with "{" as sent: no stripped copy of it (JSON allows the rest).
+        text = data
+        if data[:1] != "{":
+            text = data.strip()
+            if text == "[DONE]":
+                self._done = True
+                return
+            if not text.startswith("{"):
+                return
         try:
-            obj = json.loads(text)
+            obj = _loads(text)
         except (ValueError, RecursionError):
             return
         if not isinstance(obj, dict):
@@ -345,7 +435,7 @@ class ChatStreamAssembler:
         choices = obj.get("choices")
         if isinstance(choices, list) or obj.get("object") == "chat.completion.chunk":
             self._openai_shaped = True
-            self._merge(obj, choices if isinstance(choices, list) else [])
+            self._merge(obj, choices if isinstance(choices, list) else [], len(text))
 
     @property
     def content(self) -> str:
@@ -371,30 +461,44 @@ class ChatStreamAssembler:
             summary=completion_summary(completion),
             raw_truncated=self._raw_truncated,
             text_truncated=self._budget.exhausted,
+            events_cut=self._events_cut,
         )
 
-    def _keep_raw(self, data: str) -> None:
+    def _keep_raw(self, data: str, *, cut: bool = False) -> None:
         if self._raw_truncated:
             # Once one is left out, keep none after it: a prefix is easier to read than holes.
             return
         size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
         if len(self._raw) >= self._max_raw_events or self._raw_bytes + size > self._max_raw_bytes:
             self._raw_truncated = True
-            return
+            room = self._max_raw_bytes - self._raw_bytes
+            if not cut or room <= 0 or len(self._raw) >= self._max_raw_events:
+                return
+            # A cut event ends the kept prefix with as much of it as fits.
+            data = data.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore")
+            size = room
         self._raw.append(data)
         self._raw_bytes += size
 
-    def _merge(self, chunk: dict[str, Any], choices: list[Any]) -> None:
-        header = self._header
-        for key in _HEADER_KEYS:
-            if key not in header:
+    def _merge(self, chunk: dict[str, Any], choices: list[Any], size: int) -> None:
+        """Merge one chunk; `size`: its JSON's length, what its logprobs may cost at most."""
+        missing = self._header_missing
+        if missing:
+            header = self._header
+            found = False
+            for key in missing:
                 value = chunk.get(key)
                 if value is not None:
                     header[key] = value
+                    found = True
+            if found:
+                self._header_missing = tuple(k for k in _HEADER_KEYS if k not in header)
         usage = chunk.get("usage")
         # Some servers repeat a cumulative usage on every chunk: the last one is the total.
         if isinstance(usage, dict):
             self._usage = usage
+        elif len(choices) == 1 and self._content_only(choices[0]):
+            return
         # Chunks come from json.loads: objects are dicts, and isinstance(x, dict) is a C type
         # check where isinstance(x, Mapping) is an ABC lookup, several per event.
         for position, choice in enumerate(choices):
@@ -405,6 +509,8 @@ class ChatStreamAssembler:
                 index = position
             state = self._choices.get(index)
             if state is None:
+                if not self._budget.open_part():
+                    continue
                 state = self._choices[index] = _Choice(self._budget)
             delta = choice.get("delta")
             if not isinstance(delta, dict):
@@ -417,7 +523,29 @@ class ChatStreamAssembler:
                 state.finish_reason = finish_reason
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, dict):
-                state.merge_logprobs(logprobs)
+                # Charged once per chunk, by the chunk's whole length: a cheap upper bound.
+                state.merge_logprobs(logprobs, size)
+                size = 0
+
+    def _content_only(self, choice: Any) -> bool:
+        """The commonest chunk, one choice's next piece of content, merged; else False."""
+        if type(choice) is not dict:
+            return False
+        delta = choice.get("delta")
+        if type(delta) is not dict or len(delta) != 1:
+            return False
+        content = delta.get("content")
+        index = choice.get("index", 0)
+        if type(content) is not str or type(index) is not int:
+            return False
+        if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
+            return False
+        state = self._choices.get(index)
+        if state is None:
+            return False
+        if state.budget.take(content):
+            state.content.append(content)
+        return True
 
     def _choice_zero(self) -> _Choice | None:
         choice = self._choices.get(0)

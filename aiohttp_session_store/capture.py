@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,12 +26,29 @@ __all__ = (
     "ResponseCapture",
     "body_text",
     "is_event_stream",
+    "one_replacement",
+    "response_body",
     "stored_text",
     "summarize_body",
 )
 
 log: Final = logging.getLogger("aiohttp_session_store.capture")
 _EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def one_replacement(text: str) -> str:
+    """`text` with each lone surrogate (from a JSON "\\ud800") as ONE U+FFFD.
+
+    No database stores them, and decoding their surrogatepass bytes would make three.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def is_event_stream(response: web.StreamResponse) -> bool:
@@ -141,7 +159,7 @@ class ResponseCapture:
 
     def _start_sse(self) -> None:
         self.sse = True
-        self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024))
+        self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024), keep_cut_events=True)
         # Text past the limit would be cut from the stored record anyway: not keeping it
         # bounds the memory a long reply takes while it streams.
         self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit, max_text_chars=self._limit)
@@ -153,8 +171,9 @@ class ResponseCapture:
     def _feed(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes_sent += len(data)
         if self._parser is not None and self._assembler is not None:
-            for event in self._parser.feed(data):
-                self._assembler.feed(event)
+            # Data only: no object per event on the path of every streamed write.
+            for event in self._parser.feed_data(data):
+                self._assembler.feed_data(event)
         elif self._raw_size < self._limit:
             chunk = bytes(data[: self._limit - self._raw_size])
             self._raw.append(chunk)
@@ -171,7 +190,12 @@ class ResponseCapture:
                 summary=_EMPTY_SUMMARY if truncated else _summary_of_json(text),
             )
         assembled = self._assembler.result()
-        if assembled.openai_shaped and assembled.completion is not None:
+        # The completion would lack a cut event entirely: the events' prefix shows it.
+        if (
+            assembled.openai_shaped
+            and assembled.completion is not None
+            and not assembled.events_cut
+        ):
             text = json.dumps(assembled.completion, ensure_ascii=False)
             choices = assembled.completion.get("choices") or [{}]
             message = choices[0].get("message") or {}
@@ -179,11 +203,16 @@ class ResponseCapture:
         else:
             text = json.dumps(assembled.raw_events, ensure_ascii=False)
             content = None
-        # surrogatepass: JSON "\ud800" in a reply must not cost the call its record (the
-        # backend stores lone surrogates as U+FFFD).
-        encoded = text.encode("utf-8", "surrogatepass")
+        # JSON "\ud800" in a reply must not cost the call its record.
+        text = one_replacement(text)
+        encoded = text.encode("utf-8")
         # Cut while streaming (text past the limit was never kept), or too long to store.
-        cut = assembled.text_truncated or (assembled.raw_truncated and not assembled.openai_shaped)
+        overflowed = self._parser is not None and self._parser.overflowed
+        cut = (
+            assembled.text_truncated
+            or overflowed
+            or (assembled.raw_truncated and (assembled.events_cut or not assembled.openai_shaped))
+        )
         truncated = cut or len(encoded) > self._limit
         if truncated:
             prefix = encoded[: self._limit].decode("utf-8", "ignore")
@@ -192,7 +221,7 @@ class ResponseCapture:
             text=text,
             truncated=truncated,
             summary=assembled.summary,
-            content=content if isinstance(content, str) else None,
+            content=one_replacement(content) if isinstance(content, str) else None,
             stream_error=assembled.error,
         )
 
@@ -217,3 +246,20 @@ def summarize_body(data: bytes, limit: int, *, sse: bool = False) -> CapturedBod
     text, truncated = body_text(data, limit)
     summary = _EMPTY_SUMMARY if truncated else _summary_of_json(text)
     return CapturedBody(text=text, truncated=truncated, summary=summary)
+
+
+def response_body(
+    response: web.StreamResponse | None, capture: ResponseCapture | None, limit: int
+) -> CapturedBody | None:
+    """The reply of a call as stored: what the tee saw, else a whole `web.Response` body."""
+    if capture is not None:
+        return capture.result()
+    if isinstance(response, web.Response):
+        data = response.body
+        if isinstance(data, (bytes, bytearray)):
+            if is_event_stream(response):
+                return summarize_body(bytes(data), limit, sse=True)
+            body = summarize_body(bytes(data), limit)
+            body.text = stored_text(body.text or "", body.truncated, len(data))
+            return body
+    return None

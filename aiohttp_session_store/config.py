@@ -13,6 +13,7 @@ from .timeparse import parse_duration
 
 __all__ = (
     "DEFAULT_CREDENTIAL_HEADERS",
+    "DEFAULT_REDACT_BODY_FIELDS",
     "DEFAULT_REDACT_HEADERS",
     "BodyRedactor",
     "Clock",
@@ -38,6 +39,26 @@ DEFAULT_REDACT_HEADERS: Final = (
     "Cookie",
     "X-Api-Key",
     "Proxy-Authorization",
+    # Other vendors' credential headers, and cookies set by an upstream reply.
+    "Set-Cookie",
+    "Api-Key",
+    "X-Goog-Api-Key",
+    "Anthropic-Api-Key",
+    "X-Anthropic-Api-Key",
+    "X-Auth-Token",
+    "X-Access-Token",
+    "X-Amz-Security-Token",
+    "Ocp-Apim-Subscription-Key",
+)
+
+#: Top-level fields of a JSON body that carry credentials (matched exactly).
+DEFAULT_REDACT_BODY_FIELDS: Final = (
+    "access_token",
+    "accessToken",
+    "apiKey",
+    "api_key",
+    "key",
+    "secret_key",
 )
 
 #: Headers that identify a caller, in the order they are looked for: the first present one
@@ -153,6 +174,9 @@ class StoreConfig:
     redact_body: BodyRedactor | None = None
     #: Headers that may also carry secrets under other names (matched case-insensitively).
     extra_redact_headers: tuple[str, ...] = field(default=())
+    #: Top-level JSON body fields stored as "[REDACTED]" (requests and upstream bodies);
+    #: () stores them as sent.
+    redact_body_fields: tuple[str, ...] = DEFAULT_REDACT_BODY_FIELDS
     #: The store's time source (integer ms since the epoch); tests inject a fake one.
     clock: Clock = now_ms
     #: Longest shutdown waits for queued records to commit while storage is failing.
@@ -177,7 +201,13 @@ class StoreConfig:
             raise TypeError(f"clock: must be a callable returning ms, not {self.clock!r}")
         if self.scope_key is not None and not isinstance(self.scope_key, bytes):
             raise TypeError("scope_key: must be bytes or None")
-        for name in ("paths", "redact_headers", "extra_redact_headers", "credential_headers"):
+        for name in (
+            "paths",
+            "redact_headers",
+            "extra_redact_headers",
+            "credential_headers",
+            "redact_body_fields",
+        ):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)):
                 raise TypeError(f"{name}: must be a tuple of strings, not a string")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from aiohttp_session_store.assembler import (
     CompletionSummary,
     completion_summary,
 )
-from aiohttp_session_store.sse import SSEEvent
+from aiohttp_session_store.sse import SSEEvent, SSEParser
 
 HEADER: dict[str, Any] = {
     "id": "chatcmpl-abc",
@@ -666,3 +667,76 @@ def test_max_text_chars_bounds_tool_arguments_and_reasoning_too() -> None:
     message = result.completion["choices"][0]["message"]
     assert message["reasoning_content"] == "think " * 5
     assert message["tool_calls"][0]["function"]["arguments"] == ""
+
+
+def test_parser_and_assembler_are_public_api() -> None:
+    import aiohttp_session_store as package
+
+    assert {"SSEParser", "SSEEvent", "ChatStreamAssembler", "completion_summary"} <= set(
+        package.__all__
+    )
+    parser, assembler = package.SSEParser(), package.ChatStreamAssembler()
+    stream = (
+        b'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": '
+        b'{"content": "Hi"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    )
+    for event in parser.feed(stream):
+        assembler.feed(event)
+    reply = assembler.result()
+    assert reply.done
+    assert assembler.content == "Hi"
+    assert reply.summary.finish_reason == "stop"
+
+
+def _peak_while_assembling(event: bytes, total: int, limit: int) -> tuple[int, AssembledStream]:
+    """Peak traced bytes while `total` bytes of `event` repeated stream through a parser
+    and an assembler bounded as the capture bounds them (both made inside the trace)."""
+    tracemalloc.start()
+    try:
+        parser = SSEParser(max_event_bytes=max(limit, 64 * 1024))
+        assembler = ChatStreamAssembler(max_raw_bytes=limit, max_text_chars=limit)
+        for _ in range(total // len(event)):
+            for parsed in parser.feed(event):
+                assembler.feed(parsed)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, assembler.result()
+
+
+def logprobs_event(token: str, alternatives: int) -> bytes:
+    top = [{"token": f"t{i}", "logprob": -1.25, "bytes": [116]} for i in range(alternatives)]
+    entry = {"token": token, "logprob": -0.5, "bytes": [120], "top_logprobs": top}
+    choice = {**delta(content="x"), "logprobs": {"content": [entry]}}
+    return f"data: {json.dumps(chunk(choice))}\n\n".encode()
+
+
+def test_logprobs_count_against_the_budget_of_a_44_mib_stream() -> None:
+    # One character of content per event: only the logprobs can exhaust the budget. Large
+    # tokens keep the event count (and the test's time under tracemalloc) low.
+    limit = 1 << 20
+    peak, result = _peak_while_assembling(logprobs_event("y" * 60_000, 0), 44 << 20, limit)
+    assert peak < 4 * limit, f"{peak / 2**20:.1f} MiB held for a {limit >> 20} MiB bound"
+    assert result.text_truncated  # marked: the stored reply says it was cut
+    assert result.completion is not None
+    choice = result.completion["choices"][0]
+    assert 0 < len(choice["logprobs"]["content"]) < 20  # a prefix of them, not all 766
+
+
+def test_many_small_logprobs_stay_within_a_multiple_of_the_budget() -> None:
+    limit = 64 * 1024
+    peak, result = _peak_while_assembling(logprobs_event("x", 10), 4 << 20, limit)
+    # Parsed logprobs take several times their JSON's size: the bound is a multiple.
+    assert peak < 16 * limit, f"{peak / 2**20:.1f} MiB held for a {limit >> 10} KiB bound"
+    assert result.text_truncated
+
+
+def test_choices_and_tool_calls_a_stream_opens_are_bounded() -> None:
+    events = [chunk(delta(index=i, content="")) for i in range(1000)]
+    calls = [tool_delta(i, id=f"c{i}", function={"name": "", "arguments": ""}) for i in range(1000)]
+    events.append(chunk(delta(tool_calls=calls)))
+    result = assemble(*events, max_text_chars=640)
+    assert result.text_truncated
+    assert result.completion is not None
+    assert len(result.completion["choices"]) == 10
+    assert "tool_calls" not in result.completion["choices"][0]["message"]

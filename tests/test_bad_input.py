@@ -338,7 +338,8 @@ async def test_reply_with_a_lone_surrogate_is_recorded(
     assert len(found) == 1, "no response row"
     ((outcome, stored),) = found
     assert outcome == "completed"
-    assert "odd " in json.loads(stored)["choices"][0]["message"]["content"]
+    # One U+FFFD per lone surrogate, as the README says (not one per byte of its encoding).
+    assert json.loads(stored)["choices"][0]["message"]["content"] == "odd \ufffd text"
 
 
 # --------------------------------------------------------------------------- session ids

@@ -653,3 +653,29 @@ def test_a_non_openai_stream_cut_to_the_limit_is_marked() -> None:
     assert stored["truncated"] is True
     assert stored["original_bytes"] == len(stream)
     assert json.loads(stored["prefix"]) == ["a" * 100]
+
+
+def test_an_event_over_the_parser_limit_is_kept_cut_and_marked() -> None:
+    from aiohttp_session_store.capture import summarize_body
+
+    limit = 64 * 1024  # the parser takes events up to max(limit, 64 KiB)
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "A" * 2_000_000}}],
+    }
+    first = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "Hi"}}],
+    }
+    last = {"object": "chat.completion.chunk", "choices": [{"index": 0, "finish_reason": "stop"}]}
+    stream = b"".join(sse_frames([first, chunk, last]))
+    body = summarize_body(stream, limit, sse=True)
+    assert body.truncated
+    stored = json.loads(body.text or "")
+    assert stored["truncated"] is True
+    assert stored["original_bytes"] == len(stream)
+    assert len(stored["prefix"].encode()) <= limit
+    # The prefix holds the start of the oversized event, not only what came around it.
+    assert "Hi" in stored["prefix"]
+    assert "A" * 10_000 in stored["prefix"]
+    assert body.summary.finish_reason == "stop"

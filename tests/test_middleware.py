@@ -758,3 +758,42 @@ async def test_client_leaving_during_a_sync_commit_still_leaves_both_rows(
     # The whole body had arrived before the client left: the record is the body as received.
     assert recorded[0].request.openai_request == payload.decode()
     await assert_one_response_per_request(store)
+
+
+async def test_json_reply_to_a_client_that_left_is_not_completed(tmp_path: Path) -> None:
+    """Without handler cancellation (run_app's default) the handler finishes after the
+    client left; its reply is never written, and the record says so."""
+    entered = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        entered.set()
+        for _ in range(500):  # bounded: 5 s at most
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        return web.json_response(completion("nobody reads this"))
+
+    app = web.Application()
+    app.router.add_post(CHAT_PATH, handler)
+    store = setup(app, tmp_path / "s.db")
+    # The test server cancels handlers on disconnect: a runner as run_app makes one.
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw_request(CHAT_PATH, json.dumps(chat_body()).encode()))
+        await writer.drain()
+        await asyncio.wait_for(entered.wait(), 5)
+        writer.close()
+        await writer.wait_closed()
+        (ex,) = await wait_for_responses(store, 1)
+    finally:
+        await runner.cleanup()
+    assert ex.response is not None
+    assert ex.response.outcome == "client_disconnected"
+    assert ex.response.status_code is None
+    assert ex.response.error is not None

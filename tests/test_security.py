@@ -102,6 +102,11 @@ SECRETS = {
     "X-API-KEY": "SECRET-APIKEY-0003",
     "Proxy-Authorization": "Basic U0VDUkVULVBST1hZLTAwMDQ=",
     "X-Upstream-Token": "SECRET-EXTRA-0005",  # via extra_redact_headers
+    # Other vendors' credential headers, redacted by default.
+    "api-key": "SECRET-AZURE-0006",
+    "x-goog-api-key": "SECRET-GOOGLE-0007",
+    "anthropic-api-key": "SECRET-ANTHROPIC-0008",
+    "X-Auth-Token": "SECRET-AUTHTOKEN-0009",
 }
 
 
@@ -145,6 +150,41 @@ async def test_redacted_headers_never_reach_the_file(
     for secret in SECRETS.values():
         for needle in {secret, secret.split()[-1]}:
             assert needle.encode() not in raw, f"{needle!r} is in the database file"
+
+
+BODY_SECRETS = {
+    "api_key": "sk-SECRET-BODY-0010",
+    "apiKey": "SECRET-BODY-0011",
+    "key": "SECRET-0012",
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_credential_body_fields_never_reach_the_file(
+    aiohttp_client: AiohttpClient, tmp_path: Path, stream: bool
+) -> None:
+    db = tmp_path / "sessions.db"
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        set_upstream(request, request_body={**body, "api_key": "sk-SECRET-UPSTREAM-0013"})
+        return await (sse_reply(request) if body.get("stream") else session_reply(request))
+
+    client, store = await start(aiohttp_client, db, route)
+    async with client.post(PATH, json={**chat("hello"), **BODY_SECRETS, "stream": stream}) as resp:
+        assert resp.status == 200
+        await resp.read()
+    await store.flush()
+    ((stored, upstream),) = rows(db, "SELECT openai_request, upstream_request FROM requests")
+    assert json.loads(stored)["messages"] == chat("hello")["messages"]
+    for name in BODY_SECRETS:
+        assert json.loads(stored)[name] == "[REDACTED]"
+    assert json.loads(upstream)["api_key"] == "[REDACTED]"
+    raw = file_bytes(db)
+    await client.close()
+    raw += file_bytes(db)
+    for secret in [*BODY_SECRETS.values(), "sk-SECRET-UPSTREAM-0013"]:
+        assert secret.encode() not in raw, f"{secret!r} is in the database file"
 
 
 # --------------------------------------------------------------------------- body redaction

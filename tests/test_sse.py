@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiohttp_session_store.sse import SSEEvent, SSEParser
+from aiohttp_session_store.sse import SSEEvent, SSEParser, TruncatedData
 
 
-def parse(*chunks: bytes, max_event_bytes: int = 1 << 20) -> list[SSEEvent]:
-    parser = SSEParser(max_event_bytes=max_event_bytes)
+def parse(
+    *chunks: bytes, max_event_bytes: int = 1 << 20, keep_cut_events: bool = False
+) -> list[SSEEvent]:
+    parser = SSEParser(max_event_bytes=max_event_bytes, keep_cut_events=keep_cut_events)
     events: list[SSEEvent] = []
     for chunk in chunks:
         events += parser.feed(chunk)
@@ -383,6 +385,37 @@ _TEXT = st.text(
 )
 
 
+class TestKeepCutEvents:
+    """For a recorder: an oversized event is kept as a marked prefix, never dropped."""
+
+    def test_oversized_event_comes_out_cut_and_marked_in_any_chunking(self) -> None:
+        stream = b"id: 7\ndata: " + b"x" * 200 + b"\ndata: more\n\ndata: next\n\n"
+        # 100 bytes: "id: 7" (5) leaves 95 for the data line, "data: " and 89 x.
+        expected = [SSEEvent("x" * 89, id="7", truncated=True), SSEEvent("next", id="7")]
+        assert parse(stream, max_event_bytes=100, keep_cut_events=True) == expected
+        assert parse(*bytewise(stream), max_event_bytes=100, keep_cut_events=True) == expected
+        for i in range(0, len(stream), 7):
+            parts = (stream[:i], stream[i:])
+            assert parse(*parts, max_event_bytes=100, keep_cut_events=True) == expected, i
+
+    def test_lines_adding_up_over_the_limit_keep_the_ones_that_fit(self) -> None:
+        stream = b"data: 123456789\n" * 20 + b"\n"
+        (event,) = parse(stream, max_event_bytes=50, keep_cut_events=True)
+        # Three whole lines (45 bytes), then 5 bytes of the fourth: "data:" and no value.
+        assert event == SSEEvent("123456789\n123456789\n123456789\n", truncated=True)
+
+    def test_a_character_split_by_the_cut_is_left_out(self) -> None:
+        stream = b"data: " + "é".encode() * 100 + b"\n\n"
+        (event,) = parse(stream, max_event_bytes=11, keep_cut_events=True)
+        assert event == SSEEvent("éé", truncated=True)  # 6 + 4 bytes; the 11th is half an é
+
+    def test_an_unterminated_oversized_event_is_still_discarded(self) -> None:
+        parser = SSEParser(max_event_bytes=10, keep_cut_events=True)
+        assert parser.feed(b"data: " + b"x" * 50) == []
+        assert parser.close() == []
+        assert parser.overflowed
+
+
 @dataclass(frozen=True)
 class _Spec:
     data: list[str]
@@ -473,3 +506,50 @@ def test_arbitrary_bytes_never_raise_and_split_invariantly(
     whole = parse(stream, max_event_bytes=64)
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
     assert parse(*split_at(stream, cuts), max_event_bytes=64) == whole
+
+
+def parse_data(
+    *chunks: bytes, max_event_bytes: int = 1 << 20, keep_cut_events: bool = False
+) -> list[tuple[str, bool]]:
+    parser = SSEParser(max_event_bytes=max_event_bytes, keep_cut_events=keep_cut_events)
+    found: list[str] = []
+    for chunk in chunks:
+        found += parser.feed_data(chunk)
+    return [(str(d), isinstance(d, TruncatedData)) for d in found]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    specs=st.lists(_SPECS, min_size=1, max_size=6),
+    endings=st.lists(st.sampled_from(["\n", "\r", "\r\n"]), min_size=1, max_size=3),
+    limit=st.sampled_from([16, 64, 1 << 20]),
+    keep_cut_events=st.booleans(),
+    data=st.data(),
+)
+def test_feed_data_gives_the_data_of_feed_in_any_split(
+    specs: list[_Spec],
+    endings: list[str],
+    limit: int,
+    keep_cut_events: bool,
+    data: st.DataObject,
+) -> None:
+    lines, _ = _serialise(specs, bom=False)
+    stream = _join(lines, endings)
+    events = parse(stream, max_event_bytes=limit, keep_cut_events=keep_cut_events)
+    expected = [(e.data, e.truncated) for e in events]
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    chunks = split_at(stream, cuts)
+    assert parse_data(*chunks, max_event_bytes=limit, keep_cut_events=keep_cut_events) == expected
+    # One event per write, as proxies send them: the fast path's case.
+    writes = [e + b"\n\n" for e in stream.split(b"\n\n") if e]
+    one_each = parse_data(*writes, max_event_bytes=limit, keep_cut_events=keep_cut_events)
+    whole = parse_data(b"".join(writes), max_event_bytes=limit, keep_cut_events=keep_cut_events)
+    assert one_each == whole
+
+
+def test_feed_data_fast_path_keeps_the_state_of_an_event_without_data() -> None:
+    parser = SSEParser()
+    assert parser.feed_data(b"event: x\nretry: 5\n\n") == []
+    assert parser.feed_data(b"data: a\n\n") == ["a"]
+    assert parser.feed(b"data: b\n\n") == [SSEEvent("b", retry=None)]
+    assert parser.retry == 5
