@@ -48,13 +48,16 @@ class Proxy:
     async def ask(self, messages: list[Message], *, stream: bool) -> Message:
         body = {"model": "qwen-fake", "messages": messages, "stream": stream}
         headers = {"Authorization": f"Bearer {KEY}"}
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.root}/v1/chat/completions", json=body, headers=headers) as r:
-                assert r.status == 200, await r.text()
-                if not stream:
-                    message: Message = (await r.json())["choices"][0]["message"]
-                    return {k: v for k, v in message.items() if v is not None}
-                return _assemble(await r.read())
+        url = f"{self.root}/v1/chat/completions"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, json=body, headers=headers) as r,
+        ):
+            assert r.status == 200, await r.text()
+            if not stream:
+                message: Message = (await r.json())["choices"][0]["message"]
+                return {k: v for k, v in message.items() if v is not None}
+            return _assemble(await r.read())
 
     async def say(self, text: str, *, stream: bool = False) -> Message:
         self.messages.append({"role": "user", "content": text})
