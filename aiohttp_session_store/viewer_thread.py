@@ -160,8 +160,9 @@ def _reply(response: ResponseRecord | None) -> Mapping[str, Any] | None:
 
 def _turns(exchanges: Sequence[Exchange]) -> list[_Turn | None]:
     """For each call, its new messages; None when its request body holds no messages."""
-    # Chain hash of every prefix shown so far -> (call index, prefix length); later wins.
+    # Chain hash of every prefix shown so far -> (first call that had it, prefix length).
     seen: dict[bytes, tuple[int, int]] = {}
+    continued: set[int] = set()
     out: list[_Turn | None] = []
     for k, exchange in enumerate(exchanges):
         messages = _messages(exchange)
@@ -176,7 +177,8 @@ def _turns(exchanges: Sequence[Exchange]) -> list[_Turn | None]:
             digest = next_digest
             best = seen.get(digest, best)
         j, length = best
-        out.append(_Turn(messages[length:], _branch_note(k, j, length, exchanges, len(messages))))
+        note = _branch_note(k, j, length, exchanges, len(messages), continued)
+        out.append(_Turn(messages[length:], note))
         reply = _reply(exchange.response)
         transcript = [*messages, {"role": "assistant", **reply}] if reply else messages
         digest = root("")
@@ -185,17 +187,23 @@ def _turns(exchanges: Sequence[Exchange]) -> list[_Turn | None]:
             if next_digest is None:
                 break
             digest = next_digest
-            seen[digest] = (k, n)
+            seen.setdefault(digest, (k, n))
     return out
 
 
-def _branch_note(k: int, j: int, length: int, exchanges: Sequence[Exchange], sent: int) -> str:
+def _branch_note(
+    k: int, j: int, length: int, exchanges: Sequence[Exchange], sent: int, continued: set[int]
+) -> str:
+    """How call `k` relates to the thread: "" for a plain next turn, else what it branches."""
     if k == 0:
         return ""
     if j < 0:
         return "new conversation: shares no history with the calls above"
     previous = _messages(exchanges[j]) or []
-    if length == len(previous) + 1 and length <= sent:
+    if length == len(previous) + 1:  # all of call j's history and its reply
+        if j in continued:
+            return f"edit: a different next turn after turn #{j + 1}, which was continued before"
+        continued.add(j)
         return "" if j == k - 1 else f"continues turn #{j + 1}"
     if sent == length == len(previous):
         return f"regenerate: the history of turn #{j + 1} again, without its reply"
