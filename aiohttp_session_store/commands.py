@@ -17,6 +17,7 @@ from .models import Exchange, RequestQuery, Session, SessionOrder, SessionQuery,
 from .stats import StatsReport, Summary, report
 from .terminal import clean, opt, relative, short, table, terminal_width, tokens, write_json
 from .timeparse import format_duration_ms, format_local
+from .tree import ConversationTree, build_tree, exchanges_by_response, tree_json
 from .views import exchange_json, last_user_text, reply_text, session_json, system_text
 
 __all__ = (
@@ -159,6 +160,30 @@ def _show_exchange(n: int, exchange: Exchange, previous_system: str | None) -> l
     return lines
 
 
+def _show_tree(tree: ConversationTree, exchanges: list[Exchange]) -> list[str]:
+    """The lineage as indented branches; `*` marks the active path, `o` the other nodes."""
+    if not tree.nodes:
+        return ["tree       - (no lineage recorded)"]
+    numbers = {e.response.response_id: n for n, e in enumerate(exchanges, 1) if e.response}
+    lines = [
+        f"tree       {len(tree.nodes)} nodes, {tree.branch_points} branch point(s);"
+        " * marks the active path"
+    ]
+    for line in tree.walk():
+        node = line.node
+        n = numbers.get(node.response_id or "")
+        if n is None:
+            label = f"node {short(node.node_id, 24)} (call not recorded)"
+        else:
+            exchange = exchanges[n - 1]
+            resp = exchange.response
+            user = short(last_user_text(exchange.request.openai_request), _MESSAGE_WIDTH)
+            reply = short(None if resp is None else reply_text(resp.openai_response), 40)
+            label = f"#{n} {user} -> {reply}"
+        lines.append(f"  {line.lead}{'*' if line.active else 'o'} {label}")
+    return lines
+
+
 async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
     now = now_ms()
     async with reader(args.db) as backend:
@@ -166,14 +191,17 @@ async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
         exchanges = await backend.list_exchanges(
             RequestQuery(session_id=args.session_id, oldest_first=True)
         )
+        nodes = await backend.list_lineage_nodes(args.session_id)
     if session is None and not exchanges:
         raise CliError(f"no session {args.session_id!r}")
+    tree = build_tree(nodes)
     if args.json:
         write_json(
             out,
             {
                 "session": None if session is None else session_json(session, now=now),
                 "requests": [exchange_json(e) for e in exchanges],
+                "tree": tree_json(tree, exchanges_by_response(exchanges)),
             },
         )
         return 0
@@ -181,6 +209,7 @@ async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
         lines = [f"session    {clean(args.session_id)} (row gone: expired or deleted)"]
     else:
         lines = _show_session(session, now)
+    lines += _show_tree(tree, exchanges)
     previous_system = None
     for n, exchange in enumerate(exchanges, 1):
         lines.append("")

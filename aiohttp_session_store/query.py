@@ -1,7 +1,8 @@
 """The query API: a bearer-protected aiohttp sub-application over a SessionManager.
 
 Read-only unless created with ``admin=True``, which adds the admin routes that change the
-store (``DELETE /sessions/{id}``).
+store (``DELETE /sessions/{id}``). It also serves the conversation viewer's HTML pages under
+``/viewer/`` (viewer.py).
 
 Mounted by the user (``app.add_subapp("/admin", store.query_app(token=...))``). Its JSON
 shapes come from views.py, which the CLI's ``--json`` output shares (docs/cli.md).
@@ -22,6 +23,7 @@ from typing import Any, Final, Literal, NoReturn, cast
 
 from aiohttp import web
 
+from . import viewer
 from .errors import StoreError
 from .manager import SessionManager
 from .models import (
@@ -34,6 +36,7 @@ from .models import (
 )
 from .stats import report
 from .timeparse import parse_time
+from .tree import build_tree, exchanges_by_response, tree_json
 from .views import exchange_json, session_json
 
 __all__ = ("MAX_PAGE", "MIN_TOKEN_LENGTH", "create_query_app")
@@ -189,6 +192,16 @@ async def _session_stats(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session_id, **report(facts).to_json()})
 
 
+async def _session_tree(request: web.Request) -> web.Response:
+    _Params(request, ())
+    session_id, _, _ = await _known_session(request)
+    backend = _manager(request).backend
+    nodes = await backend.list_lineage_nodes(session_id)
+    exchanges = await backend.list_exchanges(RequestQuery(session_id=session_id))
+    tree = tree_json(build_tree(nodes), exchanges_by_response(exchanges))
+    return web.json_response({"session_id": session_id, **tree})
+
+
 async def _delete_session(request: web.Request) -> web.Response:
     _Params(request, ())
     session_id = request.match_info["session_id"]
@@ -253,13 +266,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer authentication first, then every failure as a JSON error body."""
+    if viewer.is_viewer_public(request):
+        return await viewer.serve_page(request, handler)
     expected = request.app[_TOKEN_KEY]
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     # compare_digest: the time taken must not reveal how much of a guess was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
+    bearer = scheme.lower() == "bearer" and hmac.compare_digest(
         given.strip().encode("utf-8", "surrogateescape"), expected
-    ):
+    )
+    # The viewer's cookie reads, and only reads: it never reaches an admin route.
+    if not bearer and not (request.method in ("GET", "HEAD") and viewer.cookie_valid(request)):
+        if viewer.is_viewer_page(request):
+            response = viewer.to_login(request)
+            viewer.secure_headers(response)
+            return response
         return _error(401, "a valid bearer token is required", "authentication_error")
+    if viewer.is_viewer_page(request):
+        return await viewer.serve_page(request, handler)
     try:
         return await handler(request)
     except _ApiError as exc:
@@ -282,7 +305,8 @@ def create_query_app(
 ) -> web.Application:
     """The query API over `manager`, for `app.add_subapp(prefix, ...)`.
 
-    Every route needs ``Authorization: Bearer <token>``; `token` must be at least 16
+    Every JSON route needs ``Authorization: Bearer <token>`` (or, for GET, the cookie the
+    viewer's sign-in form gives a browser: see viewer.py); `token` must be at least 16
     characters (generate one with ``python -c "import secrets; print(secrets.token_urlsafe())"``).
     The routes only read, unless `admin` is true: then the admin routes that change the
     store (``DELETE /sessions/{id}``) are served too. Without it they answer 405.
@@ -299,7 +323,9 @@ def create_query_app(
     if admin:
         app.router.add_delete("/sessions/{session_id}", _delete_session)
     app.router.add_get("/sessions/{session_id}/stats", _session_stats)
+    app.router.add_get("/sessions/{session_id}/tree", _session_tree)
     app.router.add_get("/requests", _list_requests)
     app.router.add_get("/requests/{request_id}", _get_request)
     app.router.add_get("/responses/stats", _response_stats)
+    viewer.add_viewer(app, manager, app[_TOKEN_KEY])
     return app

@@ -1,13 +1,15 @@
 """Shared fixtures: one `backend` fixture parametrized over every backend.
 
 PostgreSQL tests skip (saying why) when no server answers, unless `AIOHTTP_SESSION_STORE_REQUIRE_PG`
-is set (CI sets it in .ci/run): then each of them fails with the reason instead.
+is set (CI sets it in .ci/run): then each of them fails with the reason instead. The browser
+tests of the viewer do the same with `AIOHTTP_SESSION_STORE_REQUIRE_BROWSER`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -58,6 +60,36 @@ def require_pg() -> None:
             pytrace=False,
         )
     pytest.skip(PG_UNAVAILABLE)
+
+
+#: Set (to anything but "" or "0") where the viewer must be tested in a browser: a missing
+#: chromium, chromedriver or selenium fails the browser tests instead of skipping them.
+REQUIRE_BROWSER_ENV = "AIOHTTP_SESSION_STORE_REQUIRE_BROWSER"
+REQUIRE_BROWSER = os.environ.get(REQUIRE_BROWSER_ENV, "") not in ("", "0")
+
+
+def _browser_missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    for name in ("chromium", "chromedriver"):
+        if shutil.which(name) is None:
+            return f"no {name} on PATH (apt-get install chromium chromium-driver)"
+    return None
+
+
+def require_browser() -> tuple[str, str]:
+    """(chromium, chromedriver) paths; skips, or with `REQUIRE_BROWSER` fails, without them."""
+    missing = _browser_missing()
+    if missing is not None:
+        if REQUIRE_BROWSER:
+            pytest.fail(
+                f"a browser is required ({REQUIRE_BROWSER_ENV} is set) but {missing}",
+                pytrace=False,
+            )
+        pytest.skip(missing)
+    return str(shutil.which("chromium")), str(shutil.which("chromedriver"))
 
 
 @pytest.fixture

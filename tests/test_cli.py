@@ -1386,3 +1386,52 @@ def test_postgres_errors(run: Run, pg_url: str, tmp_path: Path) -> None:
     assert code == 1
     assert ERROR_LINE.fullmatch(err)
     assert "cannot connect" in err
+
+
+# -- show: the conversation tree -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_show_draws_the_tree_of_a_conversation_driven_through_the_example_proxy(
+    run: Run, kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from branched import fill_branched
+
+    if kind == "sqlite":
+        db = str(tmp_path / "proxy.db")
+        recorded = asyncio.run(fill_branched(db))
+    else:
+        from aiohttp_session_store.backends.postgres import PostgresBackend
+
+        schema = request.getfixturevalue("pg_schema")
+        recorded = asyncio.run(fill_branched(PostgresBackend(PG_DSN, schema=schema)))
+        db = f"{PG_DSN}{'&' if '?' in PG_DSN else '?'}search_path={schema}"
+    code, out, _ = run("--db", db, "show", recorded.session_id)
+    assert code == 0
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("tree "))
+    assert lines[start] == "tree       6 nodes, 1 branch point(s); * marks the active path"
+    drawn = [re.sub(r" -> .*", "", line) for line in lines[start + 1 : start + 7]]
+    assert drawn == [
+        "  * #1 hi",
+        "  ├─ o #2 Tell me a joke.",
+        "  ├─ o #3 Tell me a joke.",
+        "  │  o #4 [tool] weather in Paris",
+        "  │  o #5 [tool] weather in Paris",
+        "  └─ * #6 What is 2+2?",
+    ]
+    assert lines[start + 7] == ""
+    shown = run_json(run, "--db", db, "show", recorded.session_id)
+    tree = shown["tree"]
+    assert [n["user_message"] for n in tree["nodes"] if n["active"]] == ["hi", "What is 2+2?"]
+    assert tree["active_path"] == [n["hash"] for n in tree["nodes"] if n["active"]]
+    by_hash = {n["hash"]: n for n in tree["nodes"]}
+    assert len(by_hash[tree["roots"][0]]["children"]) == 3
+
+
+def test_show_says_when_no_lineage_was_recorded(run: Run, db: Path) -> None:
+    # The crashed call completed nothing, so it left no node.
+    code, out, _ = run("--db", db, "show", FILLED.crash)
+    assert code == 0
+    assert "tree       - (no lineage recorded)" in out.splitlines()
+    assert run_json(run, "--db", db, "show", FILLED.crash)["tree"]["nodes"] == []

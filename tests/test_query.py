@@ -669,3 +669,50 @@ async def test_delete_is_an_admin_route(
     assert await store.backend.get_session(session_id) is not None
     # Still behind the token, like every route.
     assert (await client.delete(f"/admin/sessions/{session_id}")).status == 401
+
+
+# -- the conversation tree -------------------------------------------------------------------------
+
+
+async def test_session_tree_of_a_conversation_driven_through_the_example_proxy(
+    backend_factory: Callable[..., Backend],
+) -> None:
+    import aiohttp
+    from branched import TOKEN as PROXY_TOKEN
+    from branched import record_branched, running_proxy
+
+    async with running_proxy(backend_factory()) as proxy:
+        recorded = await record_branched(proxy)
+        auth = {"Authorization": f"Bearer {PROXY_TOKEN}"}
+        async with aiohttp.ClientSession(headers=auth) as http:
+            base = f"{proxy.root}/admin/sessions"
+            async with http.get(f"{base}/{recorded.session_id}/tree") as resp:
+                assert resp.status == 200
+                tree = await resp.json()
+            async with http.get(f"{base}/no-such-session/tree") as resp:
+                assert resp.status == 404
+            async with http.get(f"{base}/{recorded.session_id}/tree?x=1") as resp:
+                assert resp.status == 400
+    assert tree["session_id"] == recorded.session_id
+    nodes = {n["hash"]: n for n in tree["nodes"]}
+    assert len(nodes) == 6  # six completed calls; the disconnected one made no node
+    (root,) = tree["roots"]
+    users = {h: n["user_message"] for h, n in nodes.items()}
+    # hi -> {joke, joke again -> tool call -> tool answer, edited}
+    assert users[root] == "hi"
+    assert sorted(users[c] for c in nodes[root]["children"]) == [
+        "Tell me a joke.",
+        "Tell me a joke.",
+        "What is 2+2?",
+    ]
+    assert tree["branch_points"] == 1
+    assert [users[h] for h in tree["active_path"]] == ["hi", "What is 2+2?"]
+    assert [n["active"] for n in tree["nodes"]].count(True) == 2
+    replies = {n["reply"] for n in tree["nodes"]}
+    assert {recorded.replies["joke"], recorded.replies["joke_again"]} <= replies
+    assert all(n["request_id"] and n["response_id"] for n in tree["nodes"])
+    # Reading order is the tree's: every node comes after its parent.
+    order = [n["hash"] for n in tree["nodes"]]
+    assert all(
+        order.index(n["parent_hash"]) < order.index(h) for h, n in nodes.items() if h != root
+    )
