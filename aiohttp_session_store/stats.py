@@ -1,7 +1,8 @@
 """Statistics over recorded calls: counts, outcomes, token sums and latency percentiles by model.
 
-Pure: it aggregates `ResponseFact` values a backend returned and does no I/O, so the CLI's
-`stats` and the query API's `/responses/stats` give the same numbers for the same records.
+Pure, no I/O: it aggregates `ResponseFact` values (`report`), or assembles the rows a
+database aggregated (`report_from_rows`, what the CLI's `stats` and the query API use on a
+big store); both give the same numbers for the same records.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ from typing import Any
 
 from .models import OUTCOMES, ResponseFact
 
-__all__ = ("Percentiles", "StatsReport", "Summary", "percentile", "report", "summarize")
+__all__ = (
+    "Percentiles",
+    "StatsReport",
+    "Summary",
+    "percentile",
+    "report",
+    "report_from_rows",
+    "summarize",
+)
+
+
+#: A database row: a sequence of column values.
+Row = Sequence[Any]
 
 
 def percentile(sorted_values: Sequence[int], p: float) -> int | None:
@@ -125,4 +138,60 @@ def report(facts: Iterable[ResponseFact]) -> StatsReport:
     return StatsReport(
         overall=summarize(items),
         by_model=tuple((model, summarize(groups[model])) for model in order),
+    )
+
+
+def _rank(p: int, n: int) -> int:
+    return max((p * n + 99) // 100, 1)
+
+
+def _percentiles(rows: Iterable[Row]) -> dict[tuple[object, str], Percentiles]:
+    """(group, measure) -> p50/p95, from rows (group, measure, rank, count, value)."""
+    found: dict[tuple[object, str], dict[int, int]] = {}
+    for group, measure, rn, n, value in rows:
+        picks = found.setdefault((group, str(measure)), {})
+        for p in (50, 95):
+            if int(rn) == _rank(p, int(n)):
+                picks[p] = int(value)
+    return {key: Percentiles(v.get(50), v.get(95)) for key, v in found.items()}
+
+
+def report_from_rows(
+    aggregates: Iterable[Row], by_model: Iterable[Row], overall: Iterable[Row]
+) -> StatsReport:
+    """The report a database aggregated: rows (model, outcome, calls, prompt, completion,
+    total, calls without usage) and the percentile rows of `reads.stats_ranks_sql`.
+
+    Gives what `report` gives for the same responses, without holding them in memory.
+    """
+    groups: dict[str | None, list[Row]] = {}
+    for row in aggregates:
+        groups.setdefault(row[0], []).append(row)
+    model_pcts = _percentiles(by_model)
+    all_pcts = _percentiles(overall)
+    none = Percentiles(None, None)
+
+    def summary(
+        rows: list[Row], pcts: dict[tuple[object, str], Percentiles], key: object
+    ) -> Summary:
+        outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        for row in rows:
+            outcomes[str(row[1])] = outcomes.get(str(row[1]), 0) + int(row[2])
+        unknown = sorted(k for k in outcomes if k not in OUTCOMES)
+        return Summary(
+            requests=sum(int(r[2]) for r in rows),
+            outcomes={**{k: outcomes[k] for k in OUTCOMES}, **{k: outcomes[k] for k in unknown}},
+            prompt_tokens=sum(int(r[3] or 0) for r in rows),
+            completion_tokens=sum(int(r[4] or 0) for r in rows),
+            total_tokens=sum(int(r[5] or 0) for r in rows),
+            without_usage=sum(int(r[6] or 0) for r in rows),
+            duration_ms=pcts.get((key, "duration_ms"), none),
+            first_byte_ms=pcts.get((key, "first_byte_ms"), none),
+        )
+
+    order = sorted(groups, key=lambda m: (m is None, m or ""))
+    every = [row for rows in groups.values() for row in rows]
+    return StatsReport(
+        overall=summary(every, all_pcts, None),
+        by_model=tuple((m, summary(groups[m], model_pcts, m)) for m in order),
     )
