@@ -14,6 +14,7 @@ import pytest
 from test_backends import T0, make_request, make_response, make_session
 
 from aiohttp_session_store.backends.base import Backend
+from aiohttp_session_store.backends.searchtext import SearchHit
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
 from aiohttp_session_store.migrations import MIGRATIONS
 from aiohttp_session_store.models import RequestQuery, WriteBatch
@@ -67,8 +68,8 @@ async def store_calls(backend: Backend) -> None:
     )
 
 
-def ids(hits: list[object]) -> list[str]:
-    return [h.exchange.request.request_id for h in hits]  # type: ignore[attr-defined]
+def ids(hits: list[SearchHit]) -> list[str]:
+    return [h.exchange.request.request_id for h in hits]
 
 
 async def test_search_finds_messages_replies_and_errors_newest_first(backend: Backend) -> None:
