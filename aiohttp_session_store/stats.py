@@ -141,57 +141,57 @@ def report(facts: Iterable[ResponseFact]) -> StatsReport:
     )
 
 
-def _rank(p: int, n: int) -> int:
-    return max((p * n + 99) // 100, 1)
+def _histogram_percentiles(counts: dict[int, int]) -> Percentiles:
+    """Nearest-rank p50/p95 from {value: calls}, the same as `percentile` of the calls."""
+    n = sum(counts.values())
+    if not n:
+        return Percentiles(None, None)
+    wanted = {p: max(math.ceil(p / 100 * n), 1) for p in (50, 95)}
+    found: dict[int, int] = {}
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        for p, rank in wanted.items():
+            if p not in found and seen >= rank:
+                found[p] = value
+    return Percentiles(found[50], found[95])
 
 
-def _percentiles(rows: Iterable[Row]) -> dict[tuple[object, str], Percentiles]:
-    """(group, measure) -> p50/p95, from rows (group, measure, rank, count, value)."""
-    found: dict[tuple[object, str], dict[int, int]] = {}
-    for group, measure, rn, n, value in rows:
-        picks = found.setdefault((group, str(measure)), {})
-        for p in (50, 95):
-            if int(rn) == _rank(p, int(n)):
-                picks[p] = int(value)
-    return {key: Percentiles(v.get(50), v.get(95)) for key, v in found.items()}
-
-
-def report_from_rows(
-    aggregates: Iterable[Row], by_model: Iterable[Row], overall: Iterable[Row]
-) -> StatsReport:
-    """The report a database aggregated: rows (model, outcome, calls, prompt, completion,
-    total, calls without usage) and the percentile rows of `reads.stats_ranks_sql`.
-
-    Gives what `report` gives for the same responses, without holding them in memory.
-    """
+def report_from_rows(aggregates: Iterable[Row], first_bytes: Iterable[Row]) -> StatsReport:
+    """The report of what a database aggregated (`backends.reads.stats_sql`): rows (model,
+    outcome, duration_ms, calls, prompt, completion, total, calls without usage) and
+    (model, first_byte_ms, calls). Equal to `report` of the same responses."""
     groups: dict[str | None, list[Row]] = {}
     for row in aggregates:
         groups.setdefault(row[0], []).append(row)
-    model_pcts = _percentiles(by_model)
-    all_pcts = _percentiles(overall)
-    none = Percentiles(None, None)
+    first: dict[str | None, dict[int, int]] = {}
+    for model, value, calls in first_bytes:
+        first.setdefault(model, {})[int(value)] = int(calls)
 
-    def summary(
-        rows: list[Row], pcts: dict[tuple[object, str], Percentiles], key: object
-    ) -> Summary:
+    def summary(rows: list[Row], first_byte: dict[int, int]) -> Summary:
         outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        durations: dict[int, int] = {}
         for row in rows:
-            outcomes[str(row[1])] = outcomes.get(str(row[1]), 0) + int(row[2])
+            outcomes[str(row[1])] = outcomes.get(str(row[1]), 0) + int(row[3])
+            durations[int(row[2])] = durations.get(int(row[2]), 0) + int(row[3])
         unknown = sorted(k for k in outcomes if k not in OUTCOMES)
         return Summary(
-            requests=sum(int(r[2]) for r in rows),
+            requests=sum(int(r[3]) for r in rows),
             outcomes={**{k: outcomes[k] for k in OUTCOMES}, **{k: outcomes[k] for k in unknown}},
-            prompt_tokens=sum(int(r[3] or 0) for r in rows),
-            completion_tokens=sum(int(r[4] or 0) for r in rows),
-            total_tokens=sum(int(r[5] or 0) for r in rows),
-            without_usage=sum(int(r[6] or 0) for r in rows),
-            duration_ms=pcts.get((key, "duration_ms"), none),
-            first_byte_ms=pcts.get((key, "first_byte_ms"), none),
+            prompt_tokens=sum(int(r[4] or 0) for r in rows),
+            completion_tokens=sum(int(r[5] or 0) for r in rows),
+            total_tokens=sum(int(r[6] or 0) for r in rows),
+            without_usage=sum(int(r[7] or 0) for r in rows),
+            duration_ms=_histogram_percentiles(durations),
+            first_byte_ms=_histogram_percentiles(first_byte),
         )
 
+    every_first: dict[int, int] = {}
+    for histogram in first.values():
+        for value, calls in histogram.items():
+            every_first[value] = every_first.get(value, 0) + calls
     order = sorted(groups, key=lambda m: (m is None, m or ""))
-    every = [row for rows in groups.values() for row in rows]
     return StatsReport(
-        overall=summary(every, all_pcts, None),
-        by_model=tuple((m, summary(groups[m], model_pcts, m)) for m in order),
+        overall=summary([row for rows in groups.values() for row in rows], every_first),
+        by_model=tuple((m, summary(groups[m], first.get(m, {}))) for m in order),
     )

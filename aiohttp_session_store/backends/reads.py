@@ -23,8 +23,7 @@ __all__ = (
     "prefix_successor",
     "search_docs_for",
     "search_sql",
-    "stats_aggregate_sql",
-    "stats_ranks_sql",
+    "stats_sql",
 )
 
 #: At most this many ids are named when a prefix is ambiguous.
@@ -95,17 +94,24 @@ def search_sql(
     bind = Binder(d)
     # Only a fragment that names the query binds it (FTS5's snippet() needs no argument).
     snippet = d.search_snippet.format(ph=bind(match) if "{ph}" in d.search_snippet else "")
-    clauses = [d.search_match.format(ph=bind(match))]
-    if session_id is not None:
-        clauses.append(f"q.session_id = {bind(session_id)}")
+    key = f"d.{d.search_key}"
+    # Placeholders are bound in the order they appear in the text ('?' is positional).
+    clauses = [] if session_id is None else [f"q.session_id = {bind(session_id)}", f"{key} = q.id"]
+    clauses.append(d.search_match.format(ph=bind(match)))
+    if session_id is None:
+        # By the document key (the request's id, in insertion order): FTS5 walks its index
+        # in that order and stops at the limit instead of ranking every match.
+        source = f"search_docs d JOIN requests q ON q.id = {key}"
+    else:
+        # One session has few calls: start from them (CROSS JOIN fixes SQLite's join order;
+        # PostgreSQL reads it as a plain join and plans it itself) and test each document,
+        # rather than walk every match of a common word looking for the session's.
+        source = "requests q CROSS JOIN search_docs d"
     if since is not None:
         clauses.append(f"q.timestamp >= {bind(since)}")
-    # By the document key (the request's id, in insertion order): FTS5 walks its index in
-    # that order and stops at the limit instead of ranking every match.
     inner = (
-        f"SELECT d.{d.search_key} AS id, {snippet} AS snip FROM search_docs d"
-        f" JOIN requests q ON q.id = d.{d.search_key} WHERE {' AND '.join(clauses)}"
-        f" ORDER BY d.{d.search_key} DESC LIMIT {bind(limit)}"
+        f"SELECT {key} AS id, {snippet} AS snip FROM {source} WHERE {' AND '.join(clauses)}"
+        f" ORDER BY {key} DESC LIMIT {bind(limit)}"
     )
     sql = (
         f"SELECT s.snip, {REQUESTS.prefixed('q')}, {RESPONSES.prefixed('r')}"
@@ -176,42 +182,36 @@ def export_page_sql(
     return sql, bind.params
 
 
-# Nearest rank, as stats.percentile: the ceil(p/100 * n)-th smallest value, in integer
-# arithmetic both databases share.
-_RANK: Final = "((%d * n + 99) / 100)"
 _FACTS: Final = "FROM responses r JOIN requests q ON q.request_id = r.request_id"
 _NO_USAGE: Final = (
     "r.prompt_tokens IS NULL AND r.completion_tokens IS NULL AND r.total_tokens IS NULL"
 )
 
 
-def stats_aggregate_sql(d: Dialect, query: RequestQuery) -> tuple[str, list[object]]:
-    """Per (model, outcome): calls, token sums, calls without usage. Everything else of a
-    report adds these up, so the database reads each response once here."""
+def stats_sql(d: Dialect, query: RequestQuery) -> tuple[tuple[str, list[object]], ...]:
+    """Two statements, each one pass over the matching responses:
+
+    - per (model, outcome, duration_ms): calls, token sums, calls without usage;
+    - per (model, first_byte_ms), where there is one: calls.
+
+    Grouping by the measured value gives each model's histogram of it, from which
+    `stats.report_from_rows` reads exact nearest-rank percentiles (and, adding the
+    models' histograms, the overall ones) without the database sorting every call, and
+    without a call's row ever reaching Python.
+    """
     bind = Binder(d)
-    sql = (
-        "SELECT q.model, r.outcome, count(*), sum(r.prompt_tokens), sum(r.completion_tokens),"
-        f" sum(r.total_tokens), sum(CASE WHEN {_NO_USAGE} THEN 1 ELSE 0 END)"
-        f" {_FACTS}{request_where(query, bind)} GROUP BY q.model, r.outcome"
+    aggregates = (
+        "SELECT q.model, r.outcome, r.duration_ms, count(*), sum(r.prompt_tokens),"
+        " sum(r.completion_tokens), sum(r.total_tokens),"
+        f" sum(CASE WHEN {_NO_USAGE} THEN 1 ELSE 0 END) {_FACTS}{request_where(query, bind)}"
+        " GROUP BY q.model, r.outcome, r.duration_ms"
     )
-    return sql, bind.params
-
-
-def stats_ranks_sql(d: Dialect, query: RequestQuery, *, by_model: bool) -> tuple[str, list[object]]:
-    """Rows (model or NULL, measure, rank, count, value) at the p50 and p95 ranks of duration_ms and
-    first_byte_ms, per model or over all calls: the database sorts, Python gets 4 rows a
-    group."""
+    first = (aggregates, bind.params)
     bind = Binder(d)
-    partition = "PARTITION BY q.model " if by_model else ""
-    group = "q.model" if by_model else "NULL"
-    picked = " OR ".join(f"rn = {_RANK % p}" for p in (50, 95))
-    parts = []
-    for measure in ("duration_ms", "first_byte_ms"):
-        where = request_where(query, bind)
-        where += f"{' AND' if where else ' WHERE'} r.{measure} IS NOT NULL"
-        parts.append(
-            f"SELECT g, '{measure}' AS m, rn, n, v FROM (SELECT {group} AS g, r.{measure} AS v,"
-            f" row_number() OVER ({partition}ORDER BY r.{measure}) AS rn,"
-            f" count(*) OVER ({partition.strip()}) AS n {_FACTS}{where}) t WHERE {picked}"
-        )
-    return " UNION ALL ".join(parts), bind.params
+    where = request_where(query, bind)
+    where += f"{' AND' if where else ' WHERE'} r.first_byte_ms IS NOT NULL"
+    first_bytes = (
+        f"SELECT q.model, r.first_byte_ms, count(*) {_FACTS}{where}"
+        " GROUP BY q.model, r.first_byte_ms"
+    )
+    return first, (first_bytes, bind.params)

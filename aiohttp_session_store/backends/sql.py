@@ -18,8 +18,7 @@ from .reads import (
     prefix_sql,
     search_docs_for,
     search_sql,
-    stats_aggregate_sql,
-    stats_ranks_sql,
+    stats_sql,
 )
 from .searchtext import SearchHit, fts5_query, prompt_text, reply_text
 
@@ -192,21 +191,13 @@ class SQLBackend(SQLCore):
         return exchanges, (int(rows[-1][1 + REQUESTS.columns.index("timestamp")]), int(rows[-1][0]))
 
     async def response_stats(self, query: RequestQuery) -> StatsReport:
-        d = self.dialect
-        aggregates = stats_aggregate_sql(d, query)
-        by_model = stats_ranks_sql(d, query, by_model=True)
-        overall = stats_ranks_sql(d, query, by_model=False)
+        aggregates, first_bytes = stats_sql(self.dialect, query)
 
-        async def read(conn: Conn) -> tuple[list[Row], list[Row], list[Row]]:
-            # One connection (SQLite: one read transaction): the three agree on the rows.
-            return (
-                await conn.fetch(*aggregates),
-                await conn.fetch(*by_model),
-                await conn.fetch(*overall),
-            )
+        async def read(conn: Conn) -> tuple[list[Row], list[Row]]:
+            # One connection (SQLite: one read transaction), so both see the same rows.
+            return await conn.fetch(*aggregates), await conn.fetch(*first_bytes)
 
-        rows = await self._run(read, write=False, retry=True)
-        return report_from_rows(*rows)
+        return report_from_rows(*await self._run(read, write=False, retry=True))
 
     async def _backfill(self, name: str, conn: Conn) -> None:
         if name != "search":
