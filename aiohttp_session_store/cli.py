@@ -29,6 +29,7 @@ from .errors import StoreError
 from .exporting import EXPORT_FORMATS, cmd_export
 from .maintenance import cmd_backup, cmd_migrate, cmd_sweep
 from .models import SESSION_ORDERS, now_ms
+from .searching import cmd_search
 from .timeparse import parse_duration, parse_time
 
 __all__ = ("DB_ENV", "DEFAULT_DB", "PROG", "build_parser", "main")
@@ -70,6 +71,12 @@ def _time_arg(text: str) -> int:
 def _limit_arg(text: str) -> int:
     if not (text.isascii() and text.isdecimal()) or len(text) > 12:
         raise argparse.ArgumentTypeError(f"invalid limit {text!r}: a whole number, 0 for all")
+    return int(text)
+
+
+def _positive_arg(text: str) -> int:
+    if not (text.isascii() and text.isdecimal()) or len(text) > 6 or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid limit {text!r}: a whole number from 1")
     return int(text)
 
 
@@ -151,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("requests", cmd_requests, "list requests with their outcome, newest first")
     filters(sub)
     limit(sub, 50)
+    json_flag(sub)
+
+    sub = command("search", cmd_search, "calls whose messages, reply or error hold TEXT")
+    sub.add_argument(
+        "text",
+        metavar="TEXT",
+        type=_text_arg,
+        help='words (all must appear) and "quoted phrases"; no query syntax',
+    )
+    sub.add_argument("--session", type=_text_arg, metavar="ID", help="one session's calls")
+    sub.add_argument("--since", type=_time_arg, metavar="T", help="from T on: 2h, 7d, ...")
+    sub.add_argument(
+        "--limit",
+        type=_positive_arg,
+        default=20,
+        metavar="N",
+        help="at most N matches, newest first (default: %(default)s)",
+    )
     json_flag(sub)
 
     sub = command("stats", cmd_stats, "outcomes, tokens and latency by model")

@@ -14,7 +14,8 @@ from typing import IO, Any, Final, Literal, cast
 from .backends import backend_from_url
 from .backends.base import Backend
 from .models import Exchange, RequestQuery, Session, SessionOrder, SessionQuery, now_ms
-from .stats import StatsReport, Summary, report
+from .prefixes import resolve_id
+from .stats import StatsReport, Summary
 from .terminal import clean, opt, relative, short, table, terminal_width, tokens, write_json
 from .timeparse import format_duration_ms, format_local
 from .tree import ConversationTree, build_tree, exchanges_by_response, tree_json
@@ -29,6 +30,7 @@ __all__ = (
     "cmd_stats",
     "reader",
     "request_query",
+    "session_arg",
 )
 
 PROG: Final = "aiohttp-session-store"
@@ -53,6 +55,12 @@ async def reader(db: str) -> AsyncIterator[Backend]:
         yield backend
     finally:
         await backend.close()
+
+
+async def session_arg(backend: Backend, args: argparse.Namespace) -> None:
+    """Expand `--session ID_PREFIX` in place (AmbiguousIdError names the candidates)."""
+    if getattr(args, "session", None):
+        args.session = await resolve_id(backend, "session", args.session)
 
 
 def request_query(args: argparse.Namespace, **extra: Any) -> RequestQuery:
@@ -187,6 +195,7 @@ def _show_tree(tree: ConversationTree, exchanges: list[Exchange]) -> list[str]:
 async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
     now = now_ms()
     async with reader(args.db) as backend:
+        args.session_id = await resolve_id(backend, "session", args.session_id)
         session = await backend.get_session(args.session_id)
         exchanges = await backend.list_exchanges(
             RequestQuery(session_id=args.session_id, oldest_first=True)
@@ -195,11 +204,15 @@ async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
     if session is None and not exchanges:
         raise CliError(f"no session {args.session_id!r}")
     tree = build_tree(nodes)
+    # Completed calls, the turn count of the sessions_view: right also for a proxy that
+    # never calls update_parent_id (whose message_count stays 0).
+    turns = sum(1 for e in exchanges if e.response and e.response.outcome == "completed")
     if args.json:
         write_json(
             out,
             {
                 "session": None if session is None else session_json(session, now=now),
+                "turns": turns,
                 "requests": [exchange_json(e) for e in exchanges],
                 "tree": tree_json(tree, exchanges_by_response(exchanges)),
             },
@@ -210,6 +223,7 @@ async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
     else:
         lines = _show_session(session, now)
     lines += _show_tree(tree, exchanges)
+    lines.insert(4 if session is not None else 1, f"{'turns':<10} {turns} completed calls")
     previous_system = None
     for n, exchange in enumerate(exchanges, 1):
         lines.append("")
@@ -221,6 +235,7 @@ async def cmd_show(args: argparse.Namespace, out: IO[str]) -> int:
 
 async def cmd_requests(args: argparse.Namespace, out: IO[str]) -> int:
     async with reader(args.db) as backend:
+        await session_arg(backend, args)
         exchanges = await backend.list_exchanges(request_query(args, limit=args.limit or None))
     if args.json:
         write_json(out, [exchange_json(e) for e in exchanges])
@@ -311,8 +326,9 @@ def _stats_lines(stats: StatsReport, width: int | None) -> list[str]:
 
 async def cmd_stats(args: argparse.Namespace, out: IO[str]) -> int:
     async with reader(args.db) as backend:
-        facts = await backend.response_facts(request_query(args))
-    stats = report(facts)
+        await session_arg(backend, args)
+        # Aggregated in the database: a million responses never cross into Python.
+        stats = await backend.response_stats(request_query(args))
     if args.json:
         write_json(out, stats.to_json())
     elif not stats.overall.requests:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from .backends.base import Backend
-from .commands import reader
+from .commands import reader, session_arg
 from .models import Exchange, RequestQuery, now_ms
 from .safefile import check_target, written_atomically
 from .terminal import Progress, write_json
@@ -18,7 +18,7 @@ from .views import exchange_json, openai_chat_json
 
 __all__ = ("EXPORT_FORMATS", "cmd_export")
 
-_EXPORT_PAGE: Final = 500
+_EXPORT_PAGE: Final = 1000
 
 #: `--format` values: what one line holds (None: the call gives no line).
 EXPORT_FORMATS: Final[dict[str, Callable[[Exchange], dict[str, Any] | None]]] = {
@@ -32,22 +32,16 @@ async def _export_to(
 ) -> tuple[int, int]:
     """Write the lines; return (lines written, calls read)."""
     # Pages are read oldest first up to a fixed end, so records written while the export
-    # runs cannot shift a later page and duplicate a line.
+    # runs cannot shift a later page and duplicate a line. Each page starts after the key
+    # (timestamp, id) of the last row read: an index range scan however deep the export is,
+    # where an OFFSET re-read every earlier row (the export slowed as it went).
     until = args.until if args.until is not None else now_ms() + 1
+    query = RequestQuery(session_id=args.session, model=args.model, since=args.since, until=until)
     line_of = EXPORT_FORMATS[args.format]
     read = written = 0
+    after: tuple[int, int] | None = None
     while True:
-        page = await backend.list_exchanges(
-            RequestQuery(
-                session_id=args.session,
-                model=args.model,
-                since=args.since,
-                until=until,
-                limit=_EXPORT_PAGE,
-                offset=read,
-                oldest_first=True,
-            )
-        )
+        page, after = await backend.export_page(query, after, _EXPORT_PAGE)
         for exchange in page:
             line = line_of(exchange)
             if line is not None:
@@ -76,6 +70,7 @@ async def _progress(backend: Backend, args: argparse.Namespace) -> Progress:
 async def cmd_export(args: argparse.Namespace, out: IO[str]) -> int:
     if args.output is None:
         async with reader(args.db) as backend:
+            await session_arg(backend, args)
             progress = await _progress(backend, args)
             try:
                 await _export_to(backend, args, out, progress)
@@ -87,6 +82,7 @@ async def cmd_export(args: argparse.Namespace, out: IO[str]) -> int:
     # existing file. The file is then built under a fresh name and moved into place.
     check_target(target, db=args.db, force=args.force)
     async with reader(args.db) as backend:
+        await session_arg(backend, args)
         progress = await _progress(backend, args)
         try:
             with written_atomically(target, force=args.force) as sink:

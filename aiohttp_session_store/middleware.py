@@ -55,6 +55,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RECORDING_KEY: Final = _request_key("aiohttp_session_store.recording", Recording)
 
+# A POST to a path ending so, outside `paths`, is most likely a chat route the user forgot.
+_CHAT_SUFFIX: Final = "/chat/completions"
+
 
 @dataclass(slots=True)
 class _End:
@@ -159,12 +162,26 @@ def make_middleware(manager: SessionManager, config: StoreConfig) -> Middleware:
     """The middleware for one store; `paths` decide which requests it touches."""
     recorder = _Recorder(manager, config)
     paths = frozenset(config.paths)
+    # One bool, not a set of paths: the warning is said once, and nothing grows per path.
+    warned = False
+
+    def _warn_unrecorded(path: str, recorded: frozenset[str]) -> None:
+        nonlocal warned
+        warned = True
+        log.warning(
+            "POST %r looks like a chat completions route but is not in StoreConfig.paths %s:"
+            " it is not recorded (add it to paths to record it); said once",
+            path,
+            sorted(recorded),
+        )
 
     @web.middleware
     async def session_store_middleware(
         request: web.Request, handler: Handler
     ) -> web.StreamResponse:
         if request.path not in paths:
+            if not warned and request.method == "POST" and request.path.endswith(_CHAT_SUFFIX):
+                _warn_unrecorded(request.path, paths)
             return await handler(request)
         return await _handle(recorder, request, handler)
 

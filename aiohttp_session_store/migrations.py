@@ -22,6 +22,9 @@ class Migration:
     name: str
     sqlite: tuple[str, ...]
     postgres: tuple[str, ...]
+    #: A step the backend runs after the statements, in the same transaction, for work SQL
+    #: alone cannot do the same way on both databases (indexing text held in JSON bodies).
+    backfill: str | None = None
 
 
 # The DDL of both dialects, written once. `{serial}` is a table's own row id (SQLite's rowid
@@ -144,6 +147,81 @@ _LINEAGE: Final = _render(
     )
 )
 
+# Full-text search over what was said (15.3). One document per request, keyed by the
+# request's own integer id: `prompt` is what the request added to its conversation, `reply`
+# the reply's text and the call's error (backends/searchtext.py decides both, in Python, so
+# the writer, this migration's backfill and every database index the same text). SQLite
+# keeps it in an FTS5 table (its rowid is the key); PostgreSQL in a table whose tsvector is
+# generated from the two texts, under a GIN index. The 'simple' configuration and FTS5's
+# unicode61 tokenizer both split on non-letters and stem nothing, so the two databases find
+# the same rows for the same words, whatever language a conversation is in.
+_SEARCH_SQLITE: Final = (
+    "CREATE VIRTUAL TABLE search_docs USING fts5(prompt, reply,"
+    " tokenize = 'unicode61 remove_diacritics 2')",
+)
+_SEARCH_POSTGRES: Final = (
+    """CREATE TABLE search_docs (
+        id BIGINT PRIMARY KEY,
+        prompt TEXT NOT NULL,
+        reply TEXT NOT NULL,
+        document tsvector GENERATED ALWAYS AS
+            (to_tsvector('simple', prompt || ' ' || reply)) STORED
+    )""",
+    "CREATE INDEX idx_search_docs_document ON search_docs USING GIN (document)",
+)
+
+
+def _iso(column: str) -> dict[str, str]:
+    """`column` (epoch milliseconds) as ISO 8601 UTC text, e.g. 2026-11-30T22:28:35.123Z."""
+    return {
+        "sqlite": f"strftime('%Y-%m-%dT%H:%M:%fZ', {column} / 1000.0, 'unixepoch')",
+        "postgres": f"to_char(to_timestamp({column} / 1000.0) AT TIME ZONE 'UTC',"
+        ' \'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"\')',
+    }
+
+
+def _views() -> dict[str, tuple[str, ...]]:
+    """Readable views (15.5) for people using sqlite3, psql or datasette: ISO times, and a
+    session's `turns`.
+
+    `turns` counts the session's responses that completed. `message_count` only moves when
+    a handler calls update_parent_id, so it stays 0 for a proxy that never does (most
+    stateless ones); counting completed calls is right for every proxy, needs no write on
+    the request path and cannot drift from the records. It counts the records still kept:
+    retention lowers it.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for name in ("sqlite", "postgres"):
+        t = {c: _iso(c)[name] for c in ("created_at", "last_accessed", "expires_at", "timestamp")}
+        out[name] = (
+            f"""CREATE VIEW sessions_view AS SELECT id, chat_id, parent_id, first_user_message,
+            message_count,
+            (SELECT count(*) FROM responses r WHERE r.session_id = sessions.id
+                AND r.outcome = 'completed') AS turns,
+            {t["created_at"]} AS created_at, {t["last_accessed"]} AS last_accessed,
+            {t["expires_at"]} AS expires_at
+            FROM sessions""",
+            f"""CREATE VIEW requests_view AS SELECT request_id, session_id,
+            {t["timestamp"]} AS time, method, path, model, stream, openai_request
+            FROM requests""",
+            f"""CREATE VIEW responses_view AS SELECT response_id, request_id, session_id,
+            {t["timestamp"]} AS time, status_code, outcome, finish_reason, prompt_tokens,
+            completion_tokens, total_tokens, duration_ms, first_byte_ms, error, openai_response
+            FROM responses""",
+        )
+    # Id prefixes are looked up as a range (`id >= prefix AND id < next`) compared by code
+    # point. SQLite's indexes already compare so (BINARY); PostgreSQL's follow the
+    # database's collation, so ranges under COLLATE "C" need indexes of their own.
+    out["postgres"] += (
+        'CREATE INDEX idx_sessions_id_c ON sessions (id COLLATE "C")',
+        'CREATE INDEX idx_requests_request_id_c ON requests (request_id COLLATE "C")',
+        'CREATE INDEX idx_requests_session_id_c ON requests (session_id COLLATE "C")',
+    )
+    return out
+
+
+_VIEWS: Final = _views()
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "initial schema", _INITIAL["sqlite"], _INITIAL["postgres"]),
     Migration(
@@ -158,6 +236,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         ),
     ),
     Migration(3, "conversation lineage", _LINEAGE["sqlite"], _LINEAGE["postgres"]),
+    # The backfill indexes every request already stored, in pages by id.
+    Migration(4, "full-text search", _SEARCH_SQLITE, _SEARCH_POSTGRES, backfill="search"),
+    Migration(5, "readable views and id prefixes", _VIEWS["sqlite"], _VIEWS["postgres"]),
 )
 
 

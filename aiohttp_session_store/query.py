@@ -18,12 +18,14 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import timezone
 from typing import Any, Final, Literal, NoReturn, cast
 
 from aiohttp import web
 
 from . import viewer
+from .backends.base import Backend
 from .errors import StoreError
 from .manager import SessionManager
 from .models import (
@@ -34,10 +36,10 @@ from .models import (
     SessionQuery,
     now_ms,
 )
-from .stats import report
+from .prefixes import AmbiguousIdError, resolve_id
 from .timeparse import parse_time
 from .tree import build_tree, exchanges_by_response, tree_json
-from .views import exchange_json, session_json
+from .views import exchange_json, hit_json, session_json
 
 __all__ = ("MAX_PAGE", "MIN_TOKEN_LENGTH", "create_query_app")
 
@@ -142,7 +144,57 @@ def _page_json(key: str, items: list[Any], total: int, limit: int, offset: int) 
     return web.json_response({key: items, "total": total, "limit": limit, "offset": offset})
 
 
+async def _resolve(backend: Backend, kind: Literal["session", "request"], given: str) -> str:
+    """An id or an id prefix, expanded (400 naming the candidates when ambiguous)."""
+    try:
+        return await resolve_id(backend, kind, given)
+    except AmbiguousIdError as exc:
+        raise _ApiError(400, str(exc), "invalid_request_error") from None
+
+
+async def _search(
+    p: _Params, backend: Backend, query: str, limit: int, session_id: str | None
+) -> list[Any]:
+    """Search hits for `?q=`; a query with no words is a 400."""
+    try:
+        return await backend.search(
+            query, limit=limit, session_id=session_id, since=p.time("since")
+        )
+    except ValueError as exc:
+        _bad(f"parameter 'q': {exc}")
+
+
+async def _search_sessions(request: web.Request) -> web.Response:
+    """`GET /sessions?q=`: the sessions of the most recent matching calls, each with its
+    best match (`match`: request_id and snippet); a session whose row is gone (its records
+    outlive it) comes with its id only."""
+    p = _Params(request, ("q", "limit", "since"))
+    limit = p.integer("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    backend = _manager(request).backend
+    # Several matches may share a session: read a few more calls than sessions wanted.
+    hits = await _search(p, backend, p.text("q") or "", min(limit * 5, MAX_PAGE), None)
+    items: list[dict[str, Any]] = []
+    seen: set[str | None] = set()
+    for hit in hits:
+        sid = hit.exchange.request.session_id
+        if sid is None or sid in seen:
+            continue
+        seen.add(sid)
+        session = await backend.get_session(sid)
+        item: dict[str, Any] = (
+            {"id": sid, "expired": True} if session is None else session_json(session, now=p.now)
+        )
+        item["match"] = {"request_id": hit.exchange.request.request_id, "snippet": hit.snippet}
+        items.append(item)
+        if len(items) == limit:
+            break
+    # A search is not counted: `total` is null, and there is no offset to page with.
+    return web.json_response({"sessions": items, "total": None, "limit": limit, "offset": 0})
+
+
 async def _list_sessions(request: web.Request) -> web.Response:
+    if "q" in request.query:
+        return await _search_sessions(request)
     p = _Params(request, ("limit", "offset", "order", "state"))
     limit = p.integer("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     offset = p.integer("offset", 0, 0, None)
@@ -163,8 +215,8 @@ async def _list_sessions(request: web.Request) -> web.Response:
 
 async def _known_session(request: web.Request) -> tuple[str, Session | None, int]:
     """(id, row or None, request count); 404 when there is neither a row nor a record."""
-    session_id = request.match_info["session_id"]
     backend = _manager(request).backend
+    session_id = await _resolve(backend, "session", request.match_info["session_id"])
     session = await backend.get_session(session_id)
     count = await backend.count_requests(RequestQuery(session_id=session_id))
     if session is None and count == 0:
@@ -186,10 +238,10 @@ async def _get_session(request: web.Request) -> web.Response:
 async def _session_stats(request: web.Request) -> web.Response:
     p = _Params(request, ("since", "until"))
     session_id, _, _ = await _known_session(request)
-    facts = await _manager(request).backend.response_facts(
+    stats = await _manager(request).backend.response_stats(
         RequestQuery(session_id=session_id, since=p.time("since"), until=p.time("until"))
     )
-    return web.json_response({"session_id": session_id, **report(facts).to_json()})
+    return web.json_response({"session_id": session_id, **stats.to_json()})
 
 
 async def _session_tree(request: web.Request) -> web.Response:
@@ -230,7 +282,22 @@ def _request_query(
     )
 
 
+async def _search_requests(request: web.Request) -> web.Response:
+    """`GET /requests?q=`: matching calls, most recent first, each with a `snippet`."""
+    p = _Params(request, ("q", "session_id", "since", "limit"))
+    limit = p.integer("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    backend = _manager(request).backend
+    session_id = p.text("session_id")
+    if session_id is not None:
+        session_id = await _resolve(backend, "session", session_id)
+    hits = await _search(p, backend, p.text("q") or "", limit, session_id)
+    items = [hit_json(h) for h in hits]
+    return web.json_response({"requests": items, "total": None, "limit": limit, "offset": 0})
+
+
 async def _list_requests(request: web.Request) -> web.Response:
+    if "q" in request.query:
+        return await _search_requests(request)
     p = _Params(
         request, ("session_id", "model", "stream", "since", "until", "limit", "offset", "order")
     )
@@ -239,6 +306,8 @@ async def _list_requests(request: web.Request) -> web.Response:
     oldest_first = p.choice("order", ("newest", "oldest"), "newest") == "oldest"
     query = _request_query(p, limit=limit, offset=offset, oldest_first=oldest_first)
     backend = _manager(request).backend
+    if query.session_id is not None:
+        query = replace(query, session_id=await _resolve(backend, "session", query.session_id))
     exchanges = await backend.list_exchanges(query)
     # count_requests ignores limit, offset and order: the total of every page.
     total = await backend.count_requests(query)
@@ -247,8 +316,9 @@ async def _list_requests(request: web.Request) -> web.Response:
 
 async def _get_request(request: web.Request) -> web.Response:
     _Params(request, ())
-    request_id = request.match_info["request_id"]
-    exchange = await _manager(request).backend.get_exchange(request_id)
+    backend = _manager(request).backend
+    request_id = await _resolve(backend, "request", request.match_info["request_id"])
+    exchange = await backend.get_exchange(request_id)
     if exchange is None:
         raise _ApiError(404, f"no request {request_id!r}", "not_found_error")
     return web.json_response(exchange_json(exchange, bodies=True))
@@ -256,8 +326,11 @@ async def _get_request(request: web.Request) -> web.Response:
 
 async def _response_stats(request: web.Request) -> web.Response:
     p = _Params(request, ("session_id", "model", "stream", "since", "until"))
-    facts = await _manager(request).backend.response_facts(_request_query(p))
-    return web.json_response(report(facts).to_json())
+    backend = _manager(request).backend
+    query = _request_query(p)
+    if query.session_id is not None:
+        query = replace(query, session_id=await _resolve(backend, "session", query.session_id))
+    return web.json_response((await backend.response_stats(query)).to_json())
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -1,7 +1,8 @@
 """Statistics over recorded calls: counts, outcomes, token sums and latency percentiles by model.
 
-Pure: it aggregates `ResponseFact` values a backend returned and does no I/O, so the CLI's
-`stats` and the query API's `/responses/stats` give the same numbers for the same records.
+Pure, no I/O: it aggregates `ResponseFact` values (`report`), or assembles the rows a
+database aggregated (`report_from_rows`, what the CLI's `stats` and the query API use on a
+big store); both give the same numbers for the same records.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ from typing import Any
 
 from .models import OUTCOMES, ResponseFact
 
-__all__ = ("Percentiles", "StatsReport", "Summary", "percentile", "report", "summarize")
+__all__ = (
+    "Percentiles",
+    "StatsReport",
+    "Summary",
+    "percentile",
+    "report",
+    "report_from_rows",
+    "summarize",
+)
+
+
+#: A database row: a sequence of column values.
+Row = Sequence[Any]
 
 
 def percentile(sorted_values: Sequence[int], p: float) -> int | None:
@@ -125,4 +138,60 @@ def report(facts: Iterable[ResponseFact]) -> StatsReport:
     return StatsReport(
         overall=summarize(items),
         by_model=tuple((model, summarize(groups[model])) for model in order),
+    )
+
+
+def _histogram_percentiles(counts: dict[int, int]) -> Percentiles:
+    """Nearest-rank p50/p95 from {value: calls}, the same as `percentile` of the calls."""
+    n = sum(counts.values())
+    if not n:
+        return Percentiles(None, None)
+    wanted = {p: max(math.ceil(p / 100 * n), 1) for p in (50, 95)}
+    found: dict[int, int] = {}
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        for p, rank in wanted.items():
+            if p not in found and seen >= rank:
+                found[p] = value
+    return Percentiles(found[50], found[95])
+
+
+def report_from_rows(aggregates: Iterable[Row], first_bytes: Iterable[Row]) -> StatsReport:
+    """The report of what a database aggregated (`backends.reads.stats_sql`): rows (model,
+    outcome, duration_ms, calls, prompt, completion, total, calls without usage) and
+    (model, first_byte_ms, calls). Equal to `report` of the same responses."""
+    groups: dict[str | None, list[Row]] = {}
+    for row in aggregates:
+        groups.setdefault(row[0], []).append(row)
+    first: dict[str | None, dict[int, int]] = {}
+    for model, value, calls in first_bytes:
+        first.setdefault(model, {})[int(value)] = int(calls)
+
+    def summary(rows: list[Row], first_byte: dict[int, int]) -> Summary:
+        outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        durations: dict[int, int] = {}
+        for row in rows:
+            outcomes[str(row[1])] = outcomes.get(str(row[1]), 0) + int(row[3])
+            durations[int(row[2])] = durations.get(int(row[2]), 0) + int(row[3])
+        unknown = sorted(k for k in outcomes if k not in OUTCOMES)
+        return Summary(
+            requests=sum(int(r[3]) for r in rows),
+            outcomes={**{k: outcomes[k] for k in OUTCOMES}, **{k: outcomes[k] for k in unknown}},
+            prompt_tokens=sum(int(r[4] or 0) for r in rows),
+            completion_tokens=sum(int(r[5] or 0) for r in rows),
+            total_tokens=sum(int(r[6] or 0) for r in rows),
+            without_usage=sum(int(r[7] or 0) for r in rows),
+            duration_ms=_histogram_percentiles(durations),
+            first_byte_ms=_histogram_percentiles(first_byte),
+        )
+
+    every_first: dict[int, int] = {}
+    for histogram in first.values():
+        for value, calls in histogram.items():
+            every_first[value] = every_first.get(value, 0) + calls
+    order = sorted(groups, key=lambda m: (m is None, m or ""))
+    return StatsReport(
+        overall=summary([row for rows in groups.values() for row in rows], every_first),
+        by_model=tuple((m, summary(groups[m], first.get(m, {}))) for m in order),
     )

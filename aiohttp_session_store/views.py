@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
+from .backends.searchtext import SearchHit
 from .hashing import content_text
 from .models import Exchange, RequestRecord, ResponseRecord, Session
 from .timeparse import format_iso
@@ -17,6 +18,7 @@ from .timeparse import format_iso
 __all__ = (
     "body_json",
     "exchange_json",
+    "hit_json",
     "last_user_text",
     "openai_chat_json",
     "reply_text",
@@ -197,3 +199,9 @@ def openai_chat_json(exchange: Exchange) -> dict[str, Any] | None:
     if isinstance(request.get("tools"), list):
         out["tools"] = request["tools"]
     return out
+
+
+def hit_json(hit: SearchHit) -> dict[str, Any]:
+    """A search match as `search --json` and `GET /requests?q=` give it: the exchange, plus
+    `snippet`, an extract with the matched words between « and »."""
+    return {**exchange_json(hit.exchange), "snippet": hit.snippet}

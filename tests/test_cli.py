@@ -41,6 +41,7 @@ from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.cli import DB_ENV, main
 from aiohttp_session_store.migrations import MIGRATIONS, latest_version
 from aiohttp_session_store.models import (
+    Outcome,
     RequestRecord,
     ResponseRecord,
     Session,
@@ -345,6 +346,67 @@ def test_show_json(run: Run, db: Path) -> None:
         assert isinstance(response["duration_ms"], int)
         assert "openai_response" not in response
     assert turns[1]["response"]["parent_id"] == "msg-2"
+
+
+def test_show_and_filters_take_an_id_prefix(run: Run, db: Path) -> None:
+    prefix = FILLED.story[:6]
+    shown = run_json(run, "--db", db, "show", prefix)
+    assert shown["session"]["id"] == FILLED.story
+    assert shown["turns"] == 2  # completed calls, counted from the records
+    listed = run_json(run, "--db", db, "requests", "--session", prefix)
+    assert {r["session_id"] for r in listed} == {FILLED.story}
+    stats = run_json(run, "--db", db, "stats", "--session", prefix)
+    assert stats["requests"] == len(listed)
+
+
+def test_ambiguous_id_prefix_is_one_line_naming_the_candidates(run: Run, db: Path) -> None:
+    write(
+        db, WriteBatch(sessions=[Session(i, None, None, "x", 0, 1, 1, 2) for i in ("ab1", "ab2")])
+    )
+    code, out, err = run("--db", db, "show", "ab")
+    assert (code, out) == (1, "")
+    assert ERROR_LINE.fullmatch(err)
+    assert "ambiguous" in err
+    assert "ab1, ab2" in err
+    code, _, err = run("--db", db, "requests", "--session", "ab")
+    assert code == 1
+    assert "ab1, ab2" in err
+
+
+OUTCOMES_OF_TWO: tuple[Outcome, Outcome] = ("completed", "upstream_error")
+
+
+def test_show_counts_turns_for_a_proxy_that_never_advances(run: Run, db: Path) -> None:
+    now = now_ms()
+    batch = _requests({"messages": [{"role": "user", "content": "hi"}]}, {"messages": []})
+    batch.sessions.append(Session("sys-session", None, None, "hi", 0, now, now, now + DAY))
+    batch.responses += [
+        ResponseRecord(
+            f"resp-{r.request_id}",
+            r.request_id,
+            "sys-session",
+            r.timestamp,
+            200,
+            outcome,
+            "{}",
+            None,
+            None,
+            None,
+            None,
+            None,
+            "stop",
+            None,
+            10,
+            5,
+            r.timestamp,
+        )
+        for r, outcome in zip(batch.requests, OUTCOMES_OF_TWO, strict=True)
+    ]
+    write(db, batch)
+    code, out, _ = run("--db", db, "show", "sys-session")
+    assert code == 0
+    assert "messages   0" in out.splitlines()  # update_parent_id was never called
+    assert "turns      1 completed calls" in out.splitlines()
 
 
 def _requests(*bodies: dict[str, Any], session: str = "sys-session") -> WriteBatch:
@@ -1050,6 +1112,7 @@ def test_every_command_takes_json(run: Run, db: Path, tmp_path: Path) -> None:
         "show": ["show", FILLED.hello],
         "requests": ["requests"],
         "stats": ["stats"],
+        "search": ["search", "haiku"],
         "export": ["export", "-o", tmp_path / "e.jsonl"],
         "sweep": ["sweep", "--dry-run"],
         "migrate": ["migrate", "--list"],

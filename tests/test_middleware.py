@@ -114,6 +114,28 @@ async def test_other_paths_pass_through_untouched(
     assert await store.manager.get_all_sessions() == []
 
 
+async def test_unrecorded_chat_completions_post_is_warned_about_once(
+    aiohttp_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, store = await start(
+        aiohttp_client,
+        tmp_path,
+        {"/sse/v1/chat/completions": session_echo, "/other": session_echo, CHAT_PATH: session_echo},
+    )
+    caplog.set_level("WARNING", logger="aiohttp_session_store.middleware")
+    body = chat_body("Hello world")
+    assert (await client.post("/other", json=body)).status == 200
+    assert (await client.get("/sse/v1/chat/completions")).status == 200
+    assert caplog.records == []  # neither a chat path nor a POST: nothing to say
+    for _ in range(3):
+        assert (await client.post("/sse/v1/chat/completions", json=body)).status == 200
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "'/sse/v1/chat/completions'" in warnings[0]
+    assert "StoreConfig.paths" in warnings[0]
+    assert await exchanges(store) == []  # still passed through unrecorded
+
+
 # -- session ids -------------------------------------------------------------------------------
 
 

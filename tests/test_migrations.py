@@ -220,6 +220,8 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, int, int]]] = {
         ("parent_hash", "TEXT", 0, 0),
         ("created_at", "INTEGER", 1, 0),
     ],
+    # The FTS5 table of migration 4 (its shadow tables are FTS5's own business).
+    "search_docs": [("prompt", "", 0, 0), ("reply", "", 0, 0)],
     "metadata": [
         ("key", "TEXT", 0, 1),
         ("value", "TEXT", 1, 0),
@@ -270,6 +272,8 @@ def schema_of(
         indexes = set()
         names = set()
         for table in tables(path):
+            if table.startswith("search_docs_"):
+                continue
             columns[table] = [
                 (str(name), str(type_), int(notnull), int(pk))
                 for _cid, name, type_, notnull, _default, pk in conn.execute(

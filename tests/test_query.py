@@ -716,3 +716,78 @@ async def test_session_tree_of_a_conversation_driven_through_the_example_proxy(
     assert all(
         order.index(n["parent_hash"]) < order.index(h) for h, n in nodes.items() if h != root
     )
+
+
+# -- search and id prefixes ------------------------------------------------------------------------
+
+
+async def test_search_requests_with_q(admin: Admin) -> None:
+    status, body = await admin.get("/requests", q="haiku")
+    assert status == 200
+    assert [r["session_id"] for r in body["requests"]] == [FILLED.story]  # the first turn only
+    assert "«haiku»" in body["requests"][0]["snippet"]
+    assert (body["total"], body["offset"]) == (None, 0)
+    status, body = await admin.get("/requests", q="foam")  # streamed replies, assembled
+    assert [r["session_id"] for r in body["requests"]] == [FILLED.story] * 2
+    status, body = await admin.get("/requests", q="bad gateway")  # an error body's message
+    assert [r["session_id"] for r in body["requests"]] == [FILLED.fail]
+    status, body = await admin.get("/requests", q="more", session_id=FILLED.story[:8])
+    assert (status, body["requests"]) == (200, [])
+    status, body = await admin.get("/requests", q="more", session_id=FILLED.hello[:8])
+    assert [r["user_message"] for r in body["requests"]] == ["Tell me more"]
+    status, body = await admin.get("/requests", q='NEAR("', limit="1")
+    assert (status, body["requests"]) == (200, [])  # syntax is text: "near" matches nothing
+
+
+async def test_search_sessions_with_q(admin: Admin) -> None:
+    status, body = await admin.get("/sessions", q="echo")
+    assert status == 200
+    assert [s["id"] for s in body["sessions"]] == [FILLED.hello]  # two matching calls, one row
+    assert body["sessions"][0]["first_user_message"] == HELLO
+    assert "«echo»" in body["sessions"][0]["match"]["snippet"]
+
+
+@pytest.mark.parametrize(
+    ("params", "word"),
+    [
+        ({"q": '"'}, "no words"),
+        ({"q": ""}, "empty"),
+        ({"q": "x", "model": "m"}, "unknown parameter 'model'"),
+        ({"q": "x", "offset": "5"}, "unknown parameter 'offset'"),
+    ],
+)
+async def test_bad_search_is_400(sqlite_admin: Admin, params: dict[str, str], word: str) -> None:
+    for path in ("/requests", "/sessions"):
+        status, body = await sqlite_admin.get(path, **params)
+        if path == "/sessions" and "model" in params:
+            word = "unknown parameter 'model'"
+        assert status == 400, (path, params)
+        assert word in body["error"]["message"]
+
+
+async def test_ids_take_a_prefix(admin: Admin) -> None:
+    status, body = await admin.get(f"/sessions/{FILLED.story[:6]}")
+    assert (status, body["id"]) == (200, FILLED.story)
+    status, body = await admin.get(f"/sessions/{FILLED.story[:6]}/stats")
+    assert (status, body["session_id"]) == (200, FILLED.story)
+    status, body = await admin.get("/requests", session_id=FILLED.hello[:5])
+    assert {r["session_id"] for r in body["requests"]} == {FILLED.hello}
+    request_id = body["requests"][0]["request_id"]
+    status, body = await admin.get(f"/requests/{request_id[:12]}")
+    assert (status, body["request_id"]) == (200, request_id)
+
+
+async def test_ambiguous_prefix_is_400_naming_the_candidates(admin: Admin) -> None:
+    backend = admin.store.backend
+    from aiohttp_session_store.models import Session, WriteBatch
+
+    await backend.write_batch(
+        WriteBatch(sessions=[Session(i, None, None, "x", 0, 1, 1, 2) for i in ("zz-1", "zz-2")])
+    )
+    for path in ("/sessions/zz", "/sessions/zz/stats"):
+        status, body = await admin.get(path)
+        assert status == 400
+        assert "ambiguous" in body["error"]["message"]
+        assert "zz-1, zz-2" in body["error"]["message"]
+    status, body = await admin.get("/requests", session_id="zz")
+    assert status == 400

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..models import (
     Exchange,
@@ -16,6 +16,10 @@ from ..models import (
     SessionQuery,
     WriteBatch,
 )
+
+if TYPE_CHECKING:
+    from ..stats import StatsReport
+    from .searchtext import SearchHit
 
 __all__ = ("Backend",)
 
@@ -172,6 +176,43 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def delete_lineage_before(self, cutoff: int, limit: int) -> int:
         """Delete at most `limit` nodes with `created_at < cutoff`; return how many went."""
+
+    # -- the operator's tools (search, id prefixes, export, statistics) -----------------
+    # Not abstract: a backend without them still stores and serves; the SQL core has all.
+
+    async def search(
+        self,
+        query: str,
+        *,
+        limit: int = 20,
+        session_id: str | None = None,
+        since: int | None = None,
+    ) -> list[SearchHit]:
+        """Exchanges whose messages, reply or error hold every word of `query`, most
+        recently recorded first, each with an extract marking the matches in « ».
+
+        `query` is a person's text: words and "quoted phrases", never query syntax.
+        ValueError when it has no words.
+        """
+        raise NotImplementedError(f"the {self.name} backend has no search")
+
+    async def find_id_prefix(self, kind: Literal["session", "request"], prefix: str) -> list[str]:
+        """Session (or request) ids starting with `prefix`, in code point order; at most
+        `reads.PREFIX_CANDIDATES + 1`, enough to tell unique from ambiguous."""
+        raise NotImplementedError(f"the {self.name} backend has no id prefix lookup")
+
+    async def export_page(
+        self, query: RequestQuery, after: tuple[int, int] | None, limit: int
+    ) -> tuple[list[Exchange], tuple[int, int] | None]:
+        """Up to `limit` exchanges matching `query` (its limit, offset and order ignored),
+        oldest first, after the key `after`; and the key to pass for the next page."""
+        raise NotImplementedError(f"the {self.name} backend has no keyset export")
+
+    async def response_stats(self, query: RequestQuery) -> StatsReport:
+        """`stats.report` of the matching responses, computed in the database."""
+        from ..stats import report
+
+        return report(await self.response_facts(query))
 
     def is_permanent_error(self, exc: BaseException) -> bool:
         """True when retrying `write_batch` cannot help (a constraint or data error).

@@ -94,6 +94,10 @@ class SQLCore(Backend):
     async def _prepare_migration(self, conn: Conn) -> None:
         """Inside a migration's transaction, before the version is read (locks, schema)."""
 
+    async def _backfill(self, name: str, conn: Conn) -> None:
+        """A migration's named step after its statements, in its transaction."""
+        raise ValueError(f"unknown migration backfill {name!r}")
+
     # -- small helpers -----------------------------------------------------------------
 
     def _args(self, *values: object) -> list[object]:
@@ -184,6 +188,8 @@ class SQLCore(Backend):
         await conn.execute(METADATA_DDL[self.dialect.name])
         for statement in getattr(step, self.dialect.name):
             await conn.execute(statement)
+        if step.backfill is not None:
+            await self._backfill(step.backfill, conn)
         await conn.execute(
             self._q.upsert_version, self._args(SCHEMA_VERSION_KEY, str(step.version), now_ms())
         )

@@ -55,6 +55,12 @@ class Dialect:
     sorted_snapshots: bool
     #: (table names) of the tables in the target (the file, or the schema in search_path).
     tables_sql: str
+    #: The column of `search_docs` holding the request's `id` (migration 4).
+    search_key: str
+    #: `search_docs d` matching the query passed as `{ph}` (a `searchtext.fts5_query`).
+    search_match: str
+    #: The extract shown for a match of the query passed as `{ph}`.
+    search_snippet: str
 
     def sql(self, template: str) -> str:
         """`template` with each `{}` replaced by the next placeholder, in order."""
@@ -98,6 +104,9 @@ SQLITE: Final = Dialect(
     sorted_snapshots=False,
     tables_sql="SELECT name FROM sqlite_master WHERE type = 'table'"
     " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+    search_key="rowid",
+    search_match="search_docs MATCH {ph}",
+    search_snippet="snippet(search_docs, -1, '«', '»', '…', 16)",
 )
 
 POSTGRES: Final = Dialect(
@@ -116,4 +125,11 @@ POSTGRES: Final = Dialect(
     sorted_snapshots=True,
     # current_schema(): the first schema of search_path, the one every query resolves to.
     tables_sql="SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
+    search_key="id",
+    # websearch_to_tsquery never fails on its input; it is given the same quoted terms as
+    # FTS5 ("a phrase" is a phrase, every term is required), so both find the same rows.
+    search_match="d.document @@ websearch_to_tsquery('simple', {ph})",
+    search_snippet="ts_headline('simple', d.prompt || ' ' || d.reply,"
+    " websearch_to_tsquery('simple', {ph}),"
+    " 'StartSel=«, StopSel=», MaxWords=24, MinWords=8')",
 )

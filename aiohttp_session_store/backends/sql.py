@@ -4,25 +4,45 @@ extend (`SQLBackend`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final, Literal
 
 from ..models import Exchange, LineageNode, RequestQuery, ResponseFact, WriteBatch
+from ..stats import StatsReport, report_from_rows
 from .codecs import LINEAGE, REQUESTS, RESPONSES, SESSIONS
 from .columns import ORPHAN_GRACE_MS
 from .core import Conn, Row, SQLCore
 from .dialect import Binder
 from .queries import page_sql, request_where
+from .reads import (
+    export_page_sql,
+    prefix_sql,
+    search_docs_for,
+    search_sql,
+    stats_sql,
+)
+from .searchtext import SearchHit, fts5_query, prompt_text, reply_text
 
 __all__ = ("SQLBackend",)
 
 
-def _exchange(row: Row) -> Exchange:
-    n = len(REQUESTS.columns)
+#: Requests indexed per statement page while migration 4 indexes an existing store.
+_BACKFILL_PAGE: Final = 1000
+
+
+def _exchange(row: Row, start: int = 0) -> Exchange:
+    n = start + len(REQUESTS.columns)
     response = None if row[n] is None else RESPONSES.decode(row, n)
-    return Exchange(request=REQUESTS.decode(row), response=response)
+    return Exchange(request=REQUESTS.decode(row, start), response=response)
 
 
 class SQLBackend(SQLCore):
     """Every `Backend` method over SQL; a subclass supplies connections and lifecycle."""
+
+    @property
+    def _indexed(self) -> bool:
+        """Whether this store has the search index: a backend given a migration registry
+        without it (a test of an older schema) writes records as that schema had them."""
+        return any(m.backfill == "search" for m in self._migrations)
 
     # -- records -----------------------------------------------------------------------
 
@@ -39,6 +59,17 @@ class SQLBackend(SQLCore):
         upstream = [self._args(body, rid) for rid, body in batch.upstream_requests]
         responses = [RESPONSES.args(r, encode) for r in batch.responses]
         nodes = [LINEAGE.args(n, encode) for n in batch.nodes]
+        # The search index, in the same transaction: a committed record is searchable.
+        docs = search_docs_for(self.dialect)
+        indexed = self._indexed
+        prompts = [
+            self._args(prompt_text(r.openai_request), r.request_id)
+            for r in (batch.requests if indexed else ())
+        ]
+        replies = [
+            self._args(reply_text(r.openai_response, r.error), r.request_id)
+            for r in (batch.responses if indexed else ())
+        ]
 
         async def write(conn: Conn) -> None:
             if sessions:
@@ -50,8 +81,12 @@ class SQLBackend(SQLCore):
                 await conn.insert_rows(q.insert_request, requests)
             if upstream:
                 await conn.executemany(q.update_upstream, upstream)
+            if prompts:
+                await conn.executemany(docs.insert_request, prompts)
             if responses:
                 await conn.insert_rows(q.insert_response, responses)
+            if replies:
+                await conn.executemany(docs.set_reply, replies)
             if nodes:
                 await conn.insert_rows(q.insert_lineage, nodes)
 
@@ -70,8 +105,11 @@ class SQLBackend(SQLCore):
             if not rows:
                 return 0
             chosen = self.dialect.list_param([str(row[0]) for row in rows])
-            # Responses first: they reference their request.
+            # Responses first: they reference their request. The search documents are
+            # found through the requests, so they go before those.
             await conn.execute(q.delete_responses_in, (chosen,))
+            if self._indexed:
+                await conn.execute(search_docs_for(self.dialect).delete_in, (chosen,))
             return await conn.execute(q.delete_requests_in, (chosen,))
 
         return await self._run(purge, write=True, retry=False)
@@ -119,6 +157,66 @@ class SQLBackend(SQLCore):
             )
             for row in await self._read(sql, bind.params)
         ]
+
+    # -- the operator's tools ----------------------------------------------------------
+
+    async def search(
+        self,
+        query: str,
+        *,
+        limit: int = 20,
+        session_id: str | None = None,
+        since: int | None = None,
+    ) -> list[SearchHit]:
+        sql, params = search_sql(
+            self.dialect, fts5_query(query), limit=limit, session_id=session_id, since=since
+        )
+        rows = await self._read(sql, params)
+        return [SearchHit(exchange=_exchange(row, 1), snippet=str(row[0] or "")) for row in rows]
+
+    async def find_id_prefix(self, kind: Literal["session", "request"], prefix: str) -> list[str]:
+        if not prefix:
+            raise ValueError("an id prefix must not be empty")
+        sql, params = prefix_sql(self.dialect, kind, prefix)
+        return [str(row[0]) for row in await self._read(sql, params)]
+
+    async def export_page(
+        self, query: RequestQuery, after: tuple[int, int] | None, limit: int
+    ) -> tuple[list[Exchange], tuple[int, int] | None]:
+        sql, params = export_page_sql(self.dialect, query, after, limit)
+        rows = await self._read(sql, params)
+        if not rows:
+            return [], None
+        exchanges = [_exchange(row, 1) for row in rows]
+        return exchanges, (int(rows[-1][1 + REQUESTS.columns.index("timestamp")]), int(rows[-1][0]))
+
+    async def response_stats(self, query: RequestQuery) -> StatsReport:
+        aggregates, first_bytes = stats_sql(self.dialect, query)
+
+        async def read(conn: Conn) -> tuple[list[Row], list[Row]]:
+            # One connection (SQLite: one read transaction), so both see the same rows.
+            return await conn.fetch(*aggregates), await conn.fetch(*first_bytes)
+
+        return report_from_rows(*await self._run(read, write=False, retry=True))
+
+    async def _backfill(self, name: str, conn: Conn) -> None:
+        if name != "search":
+            await super()._backfill(name, conn)
+            return
+        docs = search_docs_for(self.dialect)
+        after = 0
+        while True:
+            rows = await conn.fetch(docs.backfill_page, (after, _BACKFILL_PAGE))
+            if not rows:
+                return
+            await conn.insert_rows(
+                docs.backfill_insert,
+                [
+                    self._args(row[0], prompt_text(row[1]), reply_text(row[2], row[3]))
+                    for row in rows
+                ],
+            )
+            after = int(rows[-1][0])
 
     # -- conversation lineage ----------------------------------------------------------
 
