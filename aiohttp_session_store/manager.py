@@ -134,6 +134,11 @@ class SessionManager:
         self.writer.start()
         return self
 
+    @property
+    def opened(self) -> bool:
+        """True once the backend is open (its database was reachable and migrated)."""
+        return self._opened
+
     async def __aenter__(self) -> SessionManager:
         return await self.open()
 

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .capture import CapturedBody, ResponseCapture, response_body
 from .config import StoreConfig
-from .errors import InvalidSessionIdError
+from .errors import InvalidSessionIdError, StoreError
 from .manager import SessionManager
 from .models import Outcome, now_ms
 from .records import _UNSET as _UNSET  # plugin's "not set" marker
@@ -90,6 +90,7 @@ class _Recorder:
         self.build = RecordBuilder(config)
         self.limit = config.max_body_bytes
         self.sync = config.durability == "sync"
+        self.store_failing = False
 
     async def commit(self) -> None:
         """In sync durability, wait (boundedly) until what this call queued is committed."""
@@ -278,15 +279,21 @@ async def _before_handler(
             rec.turn.manager = manager
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
         # Without its chat/parent ids a stateful upstream would silently start a new
         # conversation; a retryable 503 is the honest answer.
-        log.exception("cannot resolve the session or conversation of %s", rec.request_id)
+        if isinstance(exc, StoreError):
+            if not recorder.store_failing:  # once per outage, not once per call
+                recorder.store_failing = True
+                log.warning("session store unavailable (%s): answering 503 until it is back", exc)
+        else:
+            log.exception("cannot resolve the session or conversation of %s", rec.request_id)
         early = _error_response(
             503, "the session store is unavailable; retry shortly", "server_error"
         )
         early.headers["Retry-After"] = "1"
         return raw, body, early
+    recorder.store_failing = False
     return raw, body, None
 
 

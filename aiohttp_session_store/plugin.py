@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
@@ -10,6 +12,7 @@ from aiohttp import web
 
 from .backends.base import Backend
 from .config import StoreConfig
+from .errors import StoreUnavailableError
 from .manager import SessionManager
 from .middleware import (
     _UNSET,
@@ -81,19 +84,60 @@ class SessionStore:
         """Commit everything queued, stop the sweeper and writer, close the backend."""
         await self.manager.shutdown()
 
+    @property
+    def ready(self) -> bool:
+        """True while the store is open. False while a database that was unreachable at
+        startup is still being waited for: session calls then answer 503."""
+        return self.manager.opened
+
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
-        await self.open()
+        opener: asyncio.Task[None] | None = None
+        try:
+            await self.open()
+        except StoreUnavailableError as exc:
+            # Start anyway: the proxy answers 503 (and /health says not ready) until the
+            # database is back, then serves, with no restart.
+            log.warning(
+                "session store unavailable at startup (%s); retrying in the background", exc
+            )
+            opener = asyncio.get_running_loop().create_task(
+                self._open_when_back(), name="aiohttp_session_store.open"
+            )
         self.manager.start_cleanup()
         try:
             yield
         finally:
+            if opener is not None:
+                opener.cancel()
+                # wait(), not `await opener`: its cancellation is expected, ours must propagate.
+                await asyncio.wait({opener})
             await self.close()
+
+    async def _open_when_back(self) -> None:
+        delay = _REOPEN_FIRST_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.open()
+            except StoreUnavailableError as exc:
+                log.debug("session store still unavailable: %s", exc)
+                delay = min(delay * 2, _REOPEN_MAX_DELAY)
+            else:
+                log.warning("session store reachable again: serving sessions")
+                return
 
     def __repr__(self) -> str:
         return f"<SessionStore backend={self.backend.name} paths={self.config.paths}>"
 
 
 STORE_KEY: Final = web.AppKey("aiohttp_session_store", SessionStore)
+
+log: Final = logging.getLogger("aiohttp_session_store")
+
+# Retrying a database that was down at startup: soon at first, then at most every few
+# seconds, so a long outage costs a connection attempt now and then, not a busy loop.
+_REOPEN_FIRST_DELAY: Final = 0.1
+_REOPEN_MAX_DELAY: Final = 5.0
 
 
 def setup(

@@ -52,6 +52,7 @@ from multidict import CIMultiDict
 
 from aiohttp_session_store import (
     StoreConfig,
+    StoreUnavailableError,
     Turn,
     get_session,
     get_store,
@@ -680,7 +681,11 @@ async def count_turn(request: web.Request, reply_id: str | None) -> None:
     """
     session = get_session(request)
     if session is not None:
-        await get_store(request).manager.update_parent_id(session.id, reply_id)
+        try:
+            await get_store(request).manager.update_parent_id(session.id, reply_id)
+        except StoreUnavailableError as exc:
+            # The reply itself is fine (and may be on its way): only the count is lost.
+            log.warning("session %s: turn not counted: %s", session.id, exc)
 
 
 # --------------------------------------------------------------------------- routes and app
@@ -695,23 +700,36 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         return openai_error(400, "the body must be a JSON object with a 'messages' list.")
-    if request.app[UPSTREAM].mode == "openai":
-        return await forward_completion(request, raw)
-    return await stateful_completion(request, body)
+    try:
+        if request.app[UPSTREAM].mode == "openai":
+            return await forward_completion(request, raw)
+        return await stateful_completion(request, body)
+    except StoreUnavailableError as exc:
+        # Without the store the next turn cannot find this one: the client retries.
+        log.warning("session store unavailable: %s", exc)
+        reply = openai_error(503, "the session store is unavailable; retry shortly", "server_error")
+        reply.headers["Retry-After"] = "1"
+        return reply
 
 
 async def health(request: web.Request) -> web.Response:
-    """``GET /health``: liveness, with the mode and the number of live sessions."""
+    """``GET /health``: readiness, with the mode and the number of live sessions.
+
+    503 while the session store cannot be reached (a load balancer then sends traffic
+    elsewhere); 200 again once it is back.
+    """
     upstream = request.app[UPSTREAM]
-    return web.json_response(
-        {
-            "status": "ok",
-            "mode": upstream.mode,
-            "upstream": upstream.url,
-            # Committed sessions only: a liveness probe must not force (or wait on) a commit.
-            "active_sessions": await get_store(request).backend.count_sessions(active_at=now_ms()),
-        }
-    )
+    store = get_store(request)
+    body: dict[str, Any] = {"status": "ok", "mode": upstream.mode, "upstream": upstream.url}
+    try:
+        if not store.ready:
+            raise StoreUnavailableError("not connected yet")
+        # Committed sessions only: a probe must not force (or wait on) a commit.
+        body["active_sessions"] = await store.backend.count_sessions(active_at=now_ms())
+    except StoreUnavailableError as exc:
+        body.update(status="unavailable", error=f"session store: {exc}")
+        return web.json_response(body, status=503, headers={"Retry-After": "1"})
+    return web.json_response(body)
 
 
 async def http_client(app: web.Application) -> AsyncIterator[None]:

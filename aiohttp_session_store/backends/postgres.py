@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any, ClassVar, Final, TypeVar
 
 # asyncpg ships no type information; the `unused-ignore` keeps this line clean once the
@@ -35,6 +36,10 @@ _MIGRATION_LOCK_KEY: Final = 0x61696F687373
 # A batch that loses a deadlock or serialization race against another instance is rolled
 # back whole by PostgreSQL, and replaying a batch is harmless, so it is simply retried.
 _WRITE_ATTEMPTS: Final = 3
+
+# True inside the task that is opening (migrating) a store: only it may use the new pool
+# before the schema is ready; every other caller is told the store is unavailable.
+_IN_OPEN: Final[ContextVar[bool]] = ContextVar("aiohttp_session_store.pg_opening", default=False)
 
 # Failures of the connection rather than of the statement: the server is down, restarting,
 # refusing connections, or the network between is gone. Retrying later can succeed.
@@ -116,6 +121,7 @@ class PostgresBackend(SQLBackend):
         self._max_size = max_size
         self._command_timeout = command_timeout
         self._pool: Any = None
+        self._migrating = False
         self._opening = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -135,6 +141,9 @@ class PostgresBackend(SQLBackend):
         return self._schema
 
     def _require_pool(self) -> Any:
+        if self._migrating and not _IN_OPEN.get():
+            # Another task is opening (migrating) this store: its tables may not exist yet.
+            raise StoreUnavailableError(f"{self!r} is still opening")
         if self._pool is None:
             raise StoreError(f"{self!r} is not open: await backend.open() first")
         return self._pool
@@ -189,6 +198,8 @@ class PostgresBackend(SQLBackend):
                 raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
             raise
         self._pool = pool
+        self._migrating = True
+        token = _IN_OPEN.set(True)
         try:
             if self._read_only:
                 await self._check_read_only()
@@ -198,6 +209,9 @@ class PostgresBackend(SQLBackend):
             self._pool = None
             await self._close_pool(pool)
             raise
+        finally:
+            _IN_OPEN.reset(token)
+            self._migrating = False
 
     async def _check_read_only(self) -> None:
         async def check(conn: Conn) -> None:
