@@ -181,6 +181,10 @@ class StoreConfig:
     clock: Clock = now_ms
     #: Longest shutdown waits for queued records to commit while storage is failing.
     shutdown_timeout: _Seconds = _Seconds(10.0)
+    #: Sync durability: the longest one call waits for its commits, all of them together
+    #: (session, request, handler's session changes, response). Past it the call is
+    #: answered 503 (a stream that already started is marked in its record instead).
+    sync_commit_timeout: _Seconds = _Seconds(5.0)
 
     def __post_init__(self) -> None:
         _int_at_least("max_body_bytes", self.max_body_bytes, 0)

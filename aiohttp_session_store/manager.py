@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Final
 
@@ -29,7 +30,7 @@ from .sweeper import Sweeper
 from .turn import CURRENT_TURN, Turn, note_chat, note_reply
 from .writer import RecordWriter
 
-__all__ = ("CURRENT_TURN", "SessionManager", "Turn")
+__all__ = ("CALL_COMMITS", "CURRENT_TURN", "CallCommits", "SessionManager", "Turn")
 
 log: Final = logging.getLogger("aiohttp_session_store.manager")
 
@@ -38,6 +39,22 @@ Clock = Callable[[], int]
 
 def _note_turn(session_id: str, parent_id: str | None) -> None:
     note_reply(session_id, parent_id)
+
+
+class CallCommits:
+    """One call's share of sync-durability waiting: a deadline, and whether it was missed."""
+
+    __slots__ = ("deadline", "failed")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.failed = False
+
+
+#: The commit budget of the recorded call running in this context (sync durability).
+CALL_COMMITS: Final[ContextVar[CallCommits | None]] = ContextVar(
+    "aiohttp_session_store.call_commits", default=None
+)
 
 
 def _check_id(session_id: object) -> str:
@@ -51,7 +68,7 @@ class SessionManager:
 
     #: Longest a call waits for a sync-durability commit while storage is failing; past it
     #: the call goes on (the writer keeps retrying and counts what it drops).
-    sync_commit_timeout: float = 5.0
+    sync_commit_timeout: float = 5.0  # set from the config in __init__
 
     def __init__(
         self,
@@ -100,6 +117,7 @@ class SessionManager:
         self._commit_late = False
         self.records_purged = 0
         self.lineage_purged = 0
+        self.sync_commit_timeout = cfg.sync_commit_timeout
 
     @property
     def strategy(self) -> SessionStrategy:
@@ -151,17 +169,35 @@ class SessionManager:
         await self.shutdown()
 
     async def commit_bounded(self) -> bool:
-        """Wait until what was queued is committed, at most `sync_commit_timeout`."""
+        """Wait until what was queued is committed, at most `sync_commit_timeout`.
+
+        Inside a recorded call (sync durability) the bound is the call's, shared by all its
+        commit points: once one of them timed out, the others return False at once, so a
+        call waits at most `sync_commit_timeout` in all, never that much per commit point.
+        """
+        budget = CALL_COMMITS.get()
+        timeout = self.sync_commit_timeout
+        if budget is not None:
+            if budget.failed:
+                return False
+            timeout = max(0.0, budget.deadline - asyncio.get_running_loop().time())
         try:
-            await asyncio.wait_for(self.writer.flush(), self.sync_commit_timeout)
+            await asyncio.wait_for(self.writer.flush(), timeout)
         except (asyncio.TimeoutError, StoreWriteError, RuntimeError):
             # RuntimeError: the writer is not running (the store is closing).
+            if budget is not None:
+                budget.failed = True
             if not self._commit_late:  # once per burst, not once per call
                 self._commit_late = True
                 log.warning("not committed within %ss (storage failing)", self.sync_commit_timeout)
             return False
         self._commit_late = False
         return True
+
+    def call_commits(self) -> CallCommits:
+        """A commit budget for one call (see `commit_bounded`); set it in `CALL_COMMITS`."""
+        deadline = asyncio.get_running_loop().time() + self.sync_commit_timeout
+        return CallCommits(deadline)
 
     def _first(self, first_user_message: str | None) -> str:
         # Held in memory for the session's lifetime: bounded in bytes. The id was derived

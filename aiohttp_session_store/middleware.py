@@ -21,7 +21,7 @@ from aiohttp import web
 from .capture import CapturedBody, ResponseCapture, response_body
 from .config import StoreConfig
 from .errors import InvalidSessionIdError, StoreError
-from .manager import SessionManager
+from .manager import CALL_COMMITS, SessionManager
 from .models import Outcome, now_ms
 from .records import _UNSET as _UNSET  # plugin's "not set" marker
 from .records import RecordBuilder, Recording, new_id
@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RECORDING_KEY: Final = _request_key("aiohttp_session_store.recording", Recording)
+
+#: The error a sync-durability stream's record carries when it ended before its commit.
+UNCOMMITTED_STREAM: Final = "sync durability: the stream ended before its records were committed"
 
 # A POST to a path ending so, outside `paths`, is most likely a chat route the user forgot.
 _CHAT_SUFFIX: Final = "/chat/completions"
@@ -92,12 +95,15 @@ class _Recorder:
         self.sync = config.durability == "sync"
         self.store_failing = False
 
-    async def commit(self) -> None:
-        """In sync durability, wait (boundedly) until what this call queued is committed."""
+    async def commit(self) -> bool:
+        """In sync durability, wait (boundedly) until what this call queued is committed.
+
+        False when it could not be (storage failing): the writer keeps retrying and counts
+        what it drops, and the caller tells the client.
+        """
         if not self.sync:
-            return
-        # The writer keeps retrying and counts what it drops; the proxy keeps serving.
-        await self.manager.commit_bounded()
+            return True
+        return await self.manager.commit_bounded()
 
     def queue_request(
         self, request: web.Request, rec: Recording, raw: bytes | None, body: Any, ts: int
@@ -136,9 +142,10 @@ class _Recorder:
         """Record how the call ended: once per call. Synchronous: safe after a cancel."""
         try:
             body = response_body(end.response, rec.capture, self.limit)
-            self.put_response(
-                rec, status=end.status, outcome=end.outcome, body=body, error=end.error
-            )
+            error = end.error
+            if rec.uncommitted and error is None:
+                error = UNCOMMITTED_STREAM
+            self.put_response(rec, status=end.status, outcome=end.outcome, body=body, error=error)
             if end.outcome == "completed" and end.status is not None and end.status < 400:
                 self.record_lineage(rec, body)
         except Exception:
@@ -195,12 +202,35 @@ async def _handle(
     rec = Recording(request_id=new_id(), started=time.perf_counter(), limit=recorder.limit)
     request[RECORDING_KEY] = rec
     end = _End()
+    if not recorder.sync:
+        try:
+            return await _serve(recorder, request, handler, rec, end)
+        finally:
+            recorder.finish(rec, end)
+    # Sync durability: one bounded wait per call, shared by every commit point in it.
+    budget = CALL_COMMITS.set(recorder.manager.call_commits())
     try:
-        return await _serve(recorder, request, handler, rec, end)
-    finally:
+        response = await _serve(recorder, request, handler, rec, end)
+    except BaseException:
         recorder.finish(rec, end)
         if end.outcome != "client_disconnected":
             await recorder.commit()
+        raise
+    finally:
+        CALL_COMMITS.reset(budget)
+    recorder.finish(rec, end)
+    if await recorder.commit() or response.prepared:
+        return response
+    # Its records could not be made durable before its status went out: the client is
+    # told to retry rather than shown a success the store may lose.
+    log.warning("call %s answered 503: its records are not committed", rec.request_id)
+    end.status, end.outcome = 503, "handler_error"
+    end.error = f"not committed within {recorder.manager.sync_commit_timeout}s (storage failing)"
+    end.response = None
+    recorder.finish(rec, end)
+    failed = _error_response(503, "the session store cannot commit; retry shortly", "server_error")
+    failed.headers["Retry-After"] = "1"
+    return failed
 
 
 async def _serve(
@@ -308,14 +338,24 @@ async def _run_handler(
             if capture is None:
                 return
             failed = capture.write_error
+            outcome: Outcome = "client_disconnected" if failed else "completed"
+            error = repr(failed) if failed else None
+            body = capture.result()
             recorder.put_response(
-                rec,
-                status=rec.status_sent,
-                outcome="client_disconnected" if failed else "completed",
-                body=capture.result(),
-                error=repr(failed) if failed else None,
+                rec, status=rec.status_sent, outcome=outcome, body=body, error=error
             )
-            await recorder.commit()
+            if not await recorder.commit():
+                # The stream's end goes out anyway (its status went long ago); its record,
+                # committed later, says it was not durable when the client got it.
+                rec.uncommitted = True
+                log.warning("stream %s ended before its records were committed", rec.request_id)
+                recorder.put_response(
+                    rec,
+                    status=rec.status_sent,
+                    outcome=outcome,
+                    body=body,
+                    error=error or UNCOMMITTED_STREAM,
+                )
 
         rec.before_eof = record_before_eof
     turn_token = CURRENT_TURN.set(rec.turn)

@@ -57,6 +57,8 @@ class Recording:
     response_id: str = field(default_factory=new_id)
     #: Where the manager notes the parent this call's handler set (see CURRENT_TURN).
     turn: Turn | None = None
+    #: Sync durability: the stream ended before its records could be committed.
+    uncommitted: bool = False
     #: What is known before the handler, kept so a call cancelled early is still recorded.
     raw: bytes | None = None
     body: Any = None

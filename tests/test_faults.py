@@ -572,24 +572,83 @@ async def test_get_metrics_answers_while_storage_fails(
     assert metrics["records_dropped"] > 0
 
 
-async def test_sync_durability_keeps_serving_while_storage_fails(
-    aiohttp_client: AiohttpClient, db_path: Path, monkeypatch: pytest.MonkeyPatch
+async def advancing(request: web.Request) -> web.StreamResponse:
+    """A stateful-proxy-like handler: sets a chat id and advances the session."""
+    session = get_session(request)
+    if session is not None:
+        manager = get_store(request).manager
+        await manager.set_chat_id(session.id, "chat-1")
+        await manager.update_parent_id(session.id, "parent-1")
+    return web.json_response({"ok": True})
+
+
+async def streaming(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for piece in ("a", "b"):
+        chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def test_sync_durability_waits_once_per_call_then_answers_503(
+    aiohttp_client: AiohttpClient, db_path: Path
 ) -> None:
-    client, store, backend = await faulty_app(aiohttp_client, db_path, durability="sync")
-    # The wait for a sync commit is bounded (5 s), shortened here: where the bound lives
-    # today (the middleware) and where the proposed fix puts it for both middleware and
-    # manager (SessionManager.sync_commit_timeout).
-    monkeypatch.setattr("aiohttp_session_store.middleware._SYNC_COMMIT_TIMEOUT", 0.2, raising=False)
-    monkeypatch.setattr(store.manager, "sync_commit_timeout", 0.2, raising=False)
+    # Five commit points (session, request, set_chat_id, update_parent_id, response): the
+    # call waits once, at most sync_commit_timeout in all, then answers 503 + Retry-After.
+    backend = FaultySQLite(db_path, busy_timeout=0.05)
+    client, store = await start_app(
+        aiohttp_client,
+        backend,
+        advancing,
+        durability="sync",
+        sync_commit_timeout=0.4,
+        flush_interval=0.01,
+    )
     async with failing("locked", backend, db_path):
-        # A call without a session: only the middleware's bounded wait.
         started = time.monotonic()
-        assert await post_all(client, [{"messages": []}]) == [200]
-        assert time.monotonic() - started < 2
-        # A call that creates a session: the manager's own sync commit must be bounded too.
-        _, statuses = await settle(post_all(client, [user("new while locked")]), 3)
-    assert statuses == [200], "a sync-durability call hung creating its session"
+        async with client.post(PATH, json=user("new while locked")) as resp:
+            status, retry_after = resp.status, resp.headers.get("Retry-After")
+            body = await resp.json()
+        elapsed = time.monotonic() - started
+    assert (status, retry_after) == (503, "1")
+    assert body["error"]["type"] == "server_error"
+    assert elapsed < 2 * 0.4 + 0.5, f"waited {elapsed:.2f}s: more than one bounded wait"
     await committed(store)
+    # Once storage recovered, the call's rows say what the client was told.
+    (row,) = rows(db_path, "SELECT status_code, outcome, error FROM responses")
+    assert (row["status_code"], row["outcome"]) == (503, "handler_error")
+    assert "not committed" in row["error"]
+    # And a call while storage works is a 200, committed before it returns.
+    async with client.post(PATH, json=user("after recovery")) as resp:
+        assert resp.status == 200
+    assert len(rows(db_path, "SELECT 1 FROM responses")) == 2
+
+
+async def test_sync_stream_not_committed_before_its_end_says_so(
+    aiohttp_client: AiohttpClient, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = FaultySQLite(db_path, busy_timeout=0.05)
+    client, store = await start_app(
+        aiohttp_client,
+        backend,
+        streaming,
+        durability="sync",
+        sync_commit_timeout=0.3,
+        flush_interval=0.01,
+    )
+    async with (
+        failing("locked", backend, db_path),
+        client.post(PATH, json={"model": "m", "messages": []}) as resp,
+    ):
+        assert resp.status == 200  # its status went out before any commit could fail
+        assert b"[DONE]" in await resp.read()
+    await committed(store)
+    (row,) = rows(db_path, "SELECT outcome, error FROM responses")
+    assert row["outcome"] == "completed"
+    assert "before its records were committed" in row["error"]
+    assert any("before its records were committed" in r.message for r in caplog.records)
 
 
 async def test_session_resolution_failure_is_a_recorded_503(
