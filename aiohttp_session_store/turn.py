@@ -17,14 +17,19 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from .models import LineageNode, Session
 
-if TYPE_CHECKING:
-    from .manager import SessionManager
+__all__ = ("CURRENT_TURN", "SessionUpdates", "Turn", "note_chat", "note_reply")
 
-__all__ = ("CURRENT_TURN", "Turn", "note_chat", "note_reply")
+
+class SessionUpdates(Protocol):
+    """What a turn needs of the session manager to advance its session."""
+
+    async def set_chat_id(self, session_id: str, chat_id: str | None) -> bool: ...
+
+    async def update_parent_id(self, session_id: str, parent_id: str | None) -> bool: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -45,7 +50,7 @@ class Turn:
     reply_chat_id: str | None = None
     reply_node_id: str | None = None
     advanced: bool = False
-    manager: SessionManager | None = None
+    manager: SessionUpdates | None = None
 
     @property
     def chat_id(self) -> str | None:
