@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("migrate", cmd_migrate, "bring the schema up to date")
     sub.add_argument("--list", action="store_true", help="show pending migrations; change nothing")
+    sub.add_argument(
+        "--adopt",
+        action="store_true",
+        help="add the store's tables to a database that already holds other tables",
+    )
     json_flag(sub)
 
     sub = command("backup", cmd_backup, "a consistent copy of the store, even while in use")

@@ -116,7 +116,7 @@ async def cmd_migrate(args: argparse.Namespace, out: IO[str]) -> int:
             out.write("nothing to migrate\n")
         return 0
     before = await _schema_version(args.db, missing=0)
-    backend = backend_from_url(args.db)
+    backend = backend_from_url(args.db, adopt=args.adopt)
     await backend.open()  # a writable open applies whatever is pending
     try:
         after = await backend.schema_version()

@@ -1498,3 +1498,24 @@ def test_show_says_when_no_lineage_was_recorded(run: Run, db: Path) -> None:
     assert code == 0
     assert "tree       - (no lineage recorded)" in out.splitlines()
     assert run_json(run, "--db", db, "show", FILLED.crash)["tree"]["nodes"] == []
+
+
+def test_migrate_refuses_a_foreign_database_unless_adopted(run: Run, tmp_path: Path) -> None:
+    foreign = tmp_path / "theirs.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        conn.execute("INSERT INTO invoices (total) VALUES (9.5)")
+    before = foreign.read_bytes()
+    code, out, err = run("--db", foreign, "migrate")
+    assert code != 0
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "invoices" in err
+    assert "adopt" in err
+    assert foreign.read_bytes() == before  # untouched
+    code, out, err = run("--db", foreign, "migrate", "--adopt")
+    assert (code, err) == (0, "")
+    with sqlite3.connect(foreign) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"invoices", "sessions", "requests", "responses"} <= tables
+        assert conn.execute("SELECT total FROM invoices").fetchall() == [(9.5,)]

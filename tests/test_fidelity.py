@@ -395,6 +395,24 @@ async def test_session_expired_or_store_reset_before_the_next_turn(
 
 
 @STREAM
+async def test_session_expired_before_the_next_turn(
+    start_proxy: ProxyFactory, stream: bool
+) -> None:
+    now = [1_800_000_000_000]
+    proxy = await start_proxy(session_timeout=60, clock=lambda: now[0])
+    chat = Conversation(proxy, "alice", stream)
+    await chat.say("hi")
+    await chat.say("What is 2+2?")
+    now[0] += 3_600_000  # an hour later: the session expired
+    assert proxy.app is not None
+    assert await get_store(proxy.app).manager.get_session_count() == 0
+    await chat.say("And times ten?")
+    calls = proxy.upstream_app[fake_upstream.CALLS]
+    assert calls[-1].chat_id == calls[0].chat_id  # the conversation's lineage outlived it
+    assert len(calls[-1].messages) == 1
+
+
+@STREAM
 async def test_upstream_forgot_the_chat(start_proxy: ProxyFactory, stream: bool) -> None:
     proxy = await start_proxy()
     chat = Conversation(proxy, "alice", stream)

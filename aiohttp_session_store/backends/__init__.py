@@ -36,14 +36,18 @@ def load_postgres_backend() -> type[PostgresBackend]:
 
 
 def backend_from_url(
-    database: str | os.PathLike[str] | Backend, *, read_only: bool = False
+    database: str | os.PathLike[str] | Backend, *, read_only: bool = False, adopt: bool = False
 ) -> Backend:
-    """A backend for a path, `sqlite:///path`, `postgresql://...`, or a Backend as is."""
+    """A backend for a path, `sqlite:///path`, `postgresql://...`, or a Backend as is.
+
+    `adopt`: add the store's tables to a database that holds other tables (refused with
+    `ForeignDatabaseError` otherwise).
+    """
     if isinstance(database, Backend):
         return database
     url = os.fspath(database)
     if url.startswith(("postgresql://", "postgres://")):
-        return load_postgres_backend()(url, read_only=read_only)
+        return load_postgres_backend()(url, read_only=read_only, adopt=adopt)
     if url.startswith("sqlite:///"):
         url = url[len("sqlite:///") :]
     elif url.startswith("sqlite://"):
@@ -54,4 +58,4 @@ def backend_from_url(
         )
     if not url:
         raise ValueError("database path is empty")
-    return load_sqlite_backend()(url, read_only=read_only)
+    return load_sqlite_backend()(url, read_only=read_only, adopt=adopt)
