@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -1519,3 +1520,49 @@ def test_migrate_refuses_a_foreign_database_unless_adopted(run: Run, tmp_path: P
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"invoices", "sessions", "requests", "responses"} <= tables
         assert conn.execute("SELECT total FROM invoices").fetchall() == [(9.5,)]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CRASHING_WRITER = """
+import asyncio, os, signal, sys
+from aiohttp_session_store import SessionManager
+
+async def main():
+    manager = await SessionManager(sys.argv[1]).open()
+    await manager.create_session("crashed-session", first_user_message="left in the WAL")
+    await manager.writer.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # no checkpoint, no close: -wal and -shm stay
+
+asyncio.run(main())
+"""
+
+
+def test_reading_after_a_crash_changes_and_creates_no_file(run: Run, tmp_path: Path) -> None:
+    db = tmp_path / "crashed.db"
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_WRITER, str(db)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+    assert wal.stat().st_size > 0
+    assert shm.exists()
+
+    def snapshot() -> dict[str, str]:
+        return {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.iterdir())
+        }
+
+    before = snapshot()
+    sessions = run_json(run, "--db", db, "sessions")
+    assert [s["id"] for s in sessions] == ["crashed-session"]  # read from the WAL
+    assert snapshot() == before
+    shm.unlink()  # a crash that also lost the -shm
+    before = snapshot()
+    sessions = run_json(run, "--db", db, "sessions")
+    assert [s["id"] for s in sessions] == ["crashed-session"]
+    assert snapshot() == before  # no -shm created, nothing changed

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import functools
 import os
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, TypeVar
@@ -127,6 +129,7 @@ class SQLiteBackend(SQLBackend):
         adopt: bool = False,
     ) -> None:
         self._path = os.fspath(path)
+        self._copy_dir: str | None = None
         if not self._path:
             raise ValueError("database path is empty")
         super().__init__(read_only=read_only, migrations=migrations, adopt=adopt)
@@ -185,6 +188,9 @@ class SQLiteBackend(SQLBackend):
         except BaseException:
             self._db = None
             await db.close()
+            if self._copy_dir is not None:
+                shutil.rmtree(self._copy_dir, ignore_errors=True)
+                self._copy_dir = None
             raise
 
     async def _enable_wal(self, db: aiosqlite.Connection) -> None:
@@ -211,16 +217,31 @@ class SQLiteBackend(SQLBackend):
             if self._path == ":memory:" or not os.path.isfile(self._path):
                 raise DatabaseNotFoundError(f"no database at {self._path}")
             # mode=ro: SQLite itself refuses to create or write the file.
-            uri = Path(self._path).resolve().as_uri() + "?mode=ro"
-            if not os.path.exists(f"{self._path}-wal"):
+            path = self._path
+            if not os.path.exists(f"{path}-wal"):
                 # No -wal file: no connection has the database open for writing. Even a
                 # read-only WAL open would create -wal/-shm files here; immutable reads
                 # the file as it is and creates nothing.
-                uri += "&immutable=1"
-            return uri, True
+                return Path(path).resolve().as_uri() + "?mode=ro&immutable=1", True
+            if not os.path.exists(f"{path}-shm"):
+                # A crash left a -wal but no -shm: reading the log needs a wal-index,
+                # which SQLite would create beside the file. Read a private copy instead
+                # (its own -shm is made in the private directory).
+                return Path(self._private_copy()).as_uri() + "?mode=ro", True
+            # readonly_shm: never write the -shm either (after a crash SQLite rebuilds the
+            # wal-index in memory instead of in the file).
+            return Path(path).resolve().as_uri() + "?mode=ro&readonly_shm=1", True
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         return self._path, False
+
+    def _private_copy(self) -> str:
+        """A copy of the database and its -wal in a private directory, removed on close."""
+        self._copy_dir = tempfile.mkdtemp(prefix="aiohttp_session_store-")
+        copy = os.path.join(self._copy_dir, "store.db")
+        shutil.copyfile(self._path, copy)
+        shutil.copyfile(f"{self._path}-wal", f"{copy}-wal")
+        return copy
 
     async def _connect(self) -> aiosqlite.Connection:
         target, uri = self._target()
