@@ -797,7 +797,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--upstream",
         default=None,
-        help="upstream base URL (default: a fake stateful upstream in this process)",
+        help="upstream base URL (default: a fake stateful upstream in this process); in openai"
+        " mode the API base as the openai client takes it (e.g. https://api.openai.com/v1:"
+        " the proxy posts to URL/chat/completions), in stateful mode the host root (the proxy"
+        " posts to URL/api/v2/...)",
     )
     parser.add_argument(
         "--upstream-key",

@@ -984,3 +984,28 @@ async def test_delete_session_if_expired_spares_a_live_row(backend: Backend) -> 
     assert await backend.delete_session_if_expired("old", T0 + 1) is True
     assert await backend.get_session("old") is None
     assert await backend.delete_session_if_expired("missing", T0 + 1) is False
+
+
+async def test_a_second_sqlite_writer_on_one_file_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiohttp_session_store.backends.sqlite import SQLiteBackend
+
+    first, second = SQLiteBackend(tmp_path / "s.db"), SQLiteBackend(tmp_path / "s.db")
+    await first.open()
+    try:
+        await second.open()
+        await second.close()
+        assert any("already open for writing" in r.message for r in caplog.records)
+        caplog.clear()
+        reader = SQLiteBackend(tmp_path / "s.db", read_only=True)
+        await reader.open()  # readers never claim the file
+        await reader.close()
+        assert not caplog.records
+    finally:
+        await first.close()
+    caplog.clear()
+    again = SQLiteBackend(tmp_path / "s.db")
+    await again.open()  # the first one's claim went with its close
+    await again.close()
+    assert not any("already open" in r.message for r in caplog.records)

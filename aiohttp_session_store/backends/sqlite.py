@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
+import logging
 import os
 import shutil
 import sqlite3
@@ -22,6 +24,8 @@ from .dialect import SQLITE, Dialect
 from .sql import SQLBackend
 
 __all__ = ("SQLiteBackend",)
+
+log: Final = logging.getLogger("aiohttp_session_store.sqlite")
 
 R = TypeVar("R")
 
@@ -130,6 +134,7 @@ class SQLiteBackend(SQLBackend):
     ) -> None:
         self._path = os.fspath(path)
         self._copy_dir: str | None = None
+        self._writer_lock: int | None = None
         if not self._path:
             raise ValueError("database path is empty")
         super().__init__(read_only=read_only, migrations=migrations, adopt=adopt)
@@ -184,13 +189,13 @@ class SQLiteBackend(SQLBackend):
                     await db.execute("PRAGMA synchronous=NORMAL")
             self._db = db
             if not self._read_only:
+                if self._path != ":memory:":
+                    self._claim_writer()
                 await self.migrate()
         except BaseException:
             self._db = None
             await db.close()
-            if self._copy_dir is not None:
-                shutil.rmtree(self._copy_dir, ignore_errors=True)
-                self._copy_dir = None
+            self._release()
             raise
 
     async def _enable_wal(self, db: aiosqlite.Connection) -> None:
@@ -234,6 +239,34 @@ class SQLiteBackend(SQLBackend):
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         return self._path, False
+
+    def _release(self) -> None:
+        """Drop what an open held besides the connection: a private copy, the writer lock."""
+        if self._copy_dir is not None:
+            shutil.rmtree(self._copy_dir, ignore_errors=True)
+            self._copy_dir = None
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)  # closing the descriptor releases its flock
+            self._writer_lock = None
+
+    def _claim_writer(self) -> None:
+        """Warn when another store already writes this file (SQLite is one process's)."""
+        try:
+            fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.warning(
+                "%s is already open for writing by another store: a SQLite store belongs to"
+                " one proxy process (its sessions are cached in memory); several instances"
+                " need PostgreSQL",
+                self._path,
+            )
+            return
+        self._writer_lock = fd
 
     def _private_copy(self) -> str:
         """A copy of the database and its -wal in a private directory, removed on close."""
@@ -280,6 +313,7 @@ class SQLiteBackend(SQLBackend):
                 return
             self._db = None
             await db.close()
+            self._release()
 
     def is_permanent_error(self, exc: BaseException) -> bool:
         # OperationalError (locked, disk full, read-only) is transient; these are not.
