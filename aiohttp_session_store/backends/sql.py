@@ -77,22 +77,41 @@ class SQLBackend(SQLCore):
             upstream = [self._args(body, rid) for rid, body in batch.upstream_requests]
             steps.append(("many", q.update_upstream, upstream))
         # The search index, in the same transaction: a committed record is searchable.
-        docs = search_docs_for(self.dialect)
         indexed = self._indexed
+        # The last reply of each request in this batch (as setting them in turn would leave).
+        replies = {r.request_id: r for r in batch.responses} if indexed else {}
         if indexed and batch.requests:
+            docs = search_docs_for(self.dialect)
+            whole = {
+                r.request_id: self._args(
+                    prompt_text(r.openai_request),
+                    reply_text(replies[r.request_id].openai_response, replies[r.request_id].error),
+                    r.request_id,
+                )
+                for r in batch.requests
+                if r.request_id in replies
+            }
+            if whole:
+                steps.append(("rows", docs.insert_documents, list(whole.values())))
             prompts = [
-                self._args(prompt_text(r.openai_request), r.request_id) for r in batch.requests
+                self._args(prompt_text(r.openai_request), r.request_id)
+                for r in batch.requests
+                if r.request_id not in whole
             ]
-            steps.append(("many", docs.insert_request, prompts))
+            if prompts:
+                steps.append(("many", docs.insert_request, prompts))
+            for request_id in whole:
+                del replies[request_id]
         if batch.responses:
             responses = [RESPONSES.args(r, encode) for r in batch.responses]
             steps.append(("rows", q.insert_response, responses))
-            if indexed:
-                replies = [
-                    self._args(reply_text(r.openai_response, r.error), r.request_id)
-                    for r in batch.responses
+            if replies:
+                # Replies to requests committed by an earlier batch: set on their document.
+                later = [
+                    self._args(reply_text(r.openai_response, r.error), rid)
+                    for rid, r in replies.items()
                 ]
-                steps.append(("many", docs.set_reply, replies))
+                steps.append(("many", search_docs_for(self.dialect).set_reply, later))
         if batch.nodes:
             steps.append(("rows", q.insert_lineage, [LINEAGE.args(n, encode) for n in batch.nodes]))
         return steps
