@@ -35,6 +35,8 @@ __all__ = (
 log: Final = logging.getLogger("aiohttp_session_store.capture")
 _EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+# Made once: json.dumps with an option builds a new encoder per call.
+_dumps_text: Final = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def one_replacement(text: str) -> str:
@@ -202,13 +204,13 @@ class ResponseCapture:
             and not assembled.events_cut
         ):
             reply: Any = assembled.completion
-            text = json.dumps(reply, ensure_ascii=False)
+            text = _dumps_text(reply)
             choices = assembled.completion.get("choices") or [{}]
             message = choices[0].get("message") or {}
             content = message.get("content")
         else:
             reply = None
-            text = json.dumps(assembled.raw_events, ensure_ascii=False)
+            text = _dumps_text(assembled.raw_events)
             content = None
         # JSON "\ud800" in a reply must not cost the call its record.
         text = one_replacement(text)
