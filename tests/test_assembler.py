@@ -740,3 +740,54 @@ def test_choices_and_tool_calls_a_stream_opens_are_bounded() -> None:
     assert result.completion is not None
     assert len(result.completion["choices"]) == 10
     assert "tool_calls" not in result.completion["choices"][0]["message"]
+
+
+# ------------------------------------------------------------------ feed_many, the batched path
+
+_PIECE = st.text(st.characters(codec="utf-8"), max_size=12)
+_EVENT = st.one_of(
+    _PIECE.map(lambda t: json.dumps(chunk(delta(content=t)))),  # the commonest, fast path
+    _PIECE.map(lambda t: json.dumps(chunk(delta(content=t)), ensure_ascii=False)),
+    _PIECE.map(lambda t: json.dumps(chunk(delta(index=1, content=t)))),
+    st.just(json.dumps(chunk(delta(role="assistant", content="")))),
+    st.just(json.dumps(chunk(delta(finish_reason="stop")))),
+    st.just(json.dumps(chunk(delta(content="x"), system_fingerprint="fp"))),
+    st.just(json.dumps({**chunk(delta(content="u")), "usage": {"total_tokens": 3}})),
+    st.just(json.dumps({**chunk(delta(content="n")), "usage": None})),
+    st.just(json.dumps(chunk(delta(content="l", logprobs={"content": []})))),
+    st.just(json.dumps({"error": {"message": "boom"}})),
+    st.just(json.dumps(chunk(delta(tool_calls=[{"index": 0, "id": "c", "function": {}}])))),
+    st.just('{"choices": [1]}'),
+    st.just("{not json"),
+    st.just("[DONE]"),
+    st.just('{"n": 1e999}'),
+    _PIECE,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(_EVENT, max_size=40),
+    opened=st.booleans(),
+    text_chars=st.one_of(st.none(), st.integers(0, 60)),
+    raw_bytes=st.one_of(st.integers(0, 1500), st.just(1 << 20)),
+    raw_events=st.one_of(st.integers(0, 30), st.just(10_000)),
+)
+def test_feed_many_assembles_what_feeding_one_by_one_does(
+    events: list[str], opened: bool, text_chars: int | None, raw_bytes: int, raw_events: int
+) -> None:
+    if opened:  # a stream's usual start: choice 0 opened by a role chunk
+        events = [json.dumps(chunk(delta(role="assistant", content=""))), *events]
+
+    def make() -> ChatStreamAssembler:
+        return ChatStreamAssembler(
+            max_text_chars=text_chars, max_raw_bytes=raw_bytes, max_raw_events=raw_events
+        )
+
+    one, many = make(), make()
+    for data in events:
+        one.feed_data(data)
+    half = len(events) // 2
+    many.feed_many(events[:half])
+    many.feed_many(events[half:])
+    assert many.result() == one.result()
