@@ -115,6 +115,14 @@ def canonical(message: object) -> bytes | None:
     if not isinstance(role, str) or not role:
         return None
     kept: dict[str, Any] = {"role": role}
+    if len(message) == 2:
+        # The commonest message, {"role", "content": str}: the same bytes, fewer lookups.
+        content = message.get("content")
+        if type(content) is str:
+            stripped = content.strip()
+            if stripped:
+                kept["content"] = stripped
+            return _canonical_bytes(kept)
     name = message.get("name")
     if isinstance(name, str) and name:
         kept["name"] = name

@@ -80,6 +80,9 @@ def test_canonical_bytes_are_the_stdlib_encoders_whichever_encoder_runs(
     kept["tool_calls"] = [["c1", name, args]]
     kept["tool_call_id"] = name
     assert canonical(message) == _STDLIB(kept).encode("utf-8", "surrogatepass")
+    plain = {"role": "user", "content": text}  # the commonest shape has its own path
+    kept = {"role": "user", "content": text.strip()} if text.strip() else {"role": "user"}
+    assert canonical(plain) == _STDLIB(kept).encode("utf-8", "surrogatepass")
 
 
 def test_canonical_text_parts_equal_a_string() -> None:
