@@ -35,8 +35,6 @@ __all__ = (
 log: Final = logging.getLogger("aiohttp_session_store.capture")
 _EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
-# Streamed bytes whose events wait to be assembled together: bounds what they hold.
-_PENDING_BYTES: Final = 64 * 1024
 # Made once: json.dumps with an option builds a new encoder per call.
 _dumps_text: Final = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -103,8 +101,6 @@ class ResponseCapture:
         "_assembler",
         "_limit",
         "_parser",
-        "_pending",
-        "_pending_bytes",
         "_raw",
         "_raw_size",
         "before_eof",
@@ -123,9 +119,6 @@ class ResponseCapture:
             self._start_sse()
         self._raw: list[bytes] = []
         self._raw_size = 0
-        # Events parsed but not yet assembled: handed over together (see `_assemble`).
-        self._pending: list[str] = []
-        self._pending_bytes = 0
         self.first_byte_at: float | None = None
         self.write_error: BaseException | None = None
         self.bytes_sent = 0
@@ -182,27 +175,17 @@ class ResponseCapture:
 
     def _feed(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes_sent += len(data)
-        if self._parser is not None:
-            # Data only: no object per event on the path of every streamed write. Assembled
-            # in batches (at the end, or every _PENDING_BYTES): one pass merges them.
-            self._pending += self._parser.feed_data(data)
-            self._pending_bytes += len(data)
-            if self._pending_bytes > _PENDING_BYTES:
-                self._assemble()
+        if self._parser is not None and self._assembler is not None:
+            # Data only: no object per event on the path of every streamed write.
+            for event in self._parser.feed_data(data):
+                self._assembler.feed_data(event)
         elif self._raw_size < self._limit:
             chunk = bytes(data[: self._limit - self._raw_size])
             self._raw.append(chunk)
             self._raw_size += len(chunk)
 
-    def _assemble(self) -> None:
-        if self._assembler is not None and self._pending:
-            self._assembler.feed_many(self._pending)
-        self._pending = []
-        self._pending_bytes = 0
-
     def result(self) -> CapturedBody:
         """What was sent so far, assembled (callable at any point, e.g. after a disconnect)."""
-        self._assemble()
         if self._assembler is None:
             text, truncated = body_text(b"".join(self._raw), self._limit)
             truncated = truncated or self.bytes_sent > self._limit
