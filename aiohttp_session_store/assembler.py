@@ -38,16 +38,17 @@ __all__ = (
     "ChatStreamAssembler",
     "CompletionSummary",
     "completion_summary",
+    "json_loads",
 )
 
-_fast_loads: Callable[[str], Any] | None
+_fast_loads: Callable[[str | bytes], Any] | None
 try:  # the "speed" extra: several times faster on the small objects of a stream
     _fast_loads = importlib.import_module("orjson").loads
 except ImportError:  # pragma: no cover - depends on the environment
     _fast_loads = None
 
 
-def _loads(text: str) -> Any:
+def json_loads(text: str | bytes) -> Any:
     """json.loads(text), by orjson when it is installed and agrees.
 
     What orjson refuses and json takes (NaN, lone surrogates, huge integers) goes to the
@@ -424,7 +425,7 @@ class ChatStreamAssembler:
             if not text.startswith("{"):
                 return
         try:
-            obj = _loads(text)
+            obj = json_loads(text)
         except (ValueError, RecursionError):
             return
         if not isinstance(obj, dict):

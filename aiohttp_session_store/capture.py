@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .assembler import ChatStreamAssembler, CompletionSummary, completion_summary
+from .assembler import ChatStreamAssembler, CompletionSummary, completion_summary, json_loads
 from .sse import SSEParser
 
 __all__ = (
@@ -35,6 +35,8 @@ __all__ = (
 log: Final = logging.getLogger("aiohttp_session_store.capture")
 _EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+# Made once: json.dumps with an option builds a new encoder per call.
+_dumps_text: Final = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def one_replacement(text: str) -> str:
@@ -87,6 +89,9 @@ class CapturedBody:
     summary: CompletionSummary
     content: str | None = None
     stream_error: Any = None
+    #: The reply as a JSON value (the assembled chat.completion of a stream), when it was
+    #: parsed whole: what lineage reads, so the body is not parsed a second time.
+    reply: Any = None
 
 
 class ResponseCapture:
@@ -184,10 +189,12 @@ class ResponseCapture:
         if self._assembler is None:
             text, truncated = body_text(b"".join(self._raw), self._limit)
             truncated = truncated or self.bytes_sent > self._limit
+            whole = None if truncated else _parse(text)
             return CapturedBody(
                 text=stored_text(text, truncated, self.bytes_sent),
                 truncated=truncated,
-                summary=_EMPTY_SUMMARY if truncated else _summary_of_json(text),
+                summary=_EMPTY_SUMMARY if truncated else completion_summary(whole),
+                reply=whole,
             )
         assembled = self._assembler.result()
         # The completion would lack a cut event entirely: the events' prefix shows it.
@@ -196,12 +203,14 @@ class ResponseCapture:
             and assembled.completion is not None
             and not assembled.events_cut
         ):
-            text = json.dumps(assembled.completion, ensure_ascii=False)
+            reply: Any = assembled.completion
+            text = _dumps_text(reply)
             choices = assembled.completion.get("choices") or [{}]
             message = choices[0].get("message") or {}
             content = message.get("content")
         else:
-            text = json.dumps(assembled.raw_events, ensure_ascii=False)
+            reply = None
+            text = _dumps_text(assembled.raw_events)
             content = None
         # JSON "\ud800" in a reply must not cost the call its record.
         text = one_replacement(text)
@@ -223,14 +232,16 @@ class ResponseCapture:
             summary=assembled.summary,
             content=one_replacement(content) if isinstance(content, str) else None,
             stream_error=assembled.error,
+            reply=None if truncated else reply,
         )
 
 
-def _summary_of_json(text: str) -> CompletionSummary:
+def _parse(text: str) -> Any:
+    """The JSON value of a whole body, or None when it is not JSON."""
     try:
-        return completion_summary(json.loads(text))
+        return json_loads(text)
     except (ValueError, RecursionError):
-        return _EMPTY_SUMMARY
+        return None
 
 
 def summarize_body(data: bytes, limit: int, *, sse: bool = False) -> CapturedBody:
@@ -244,8 +255,9 @@ def summarize_body(data: bytes, limit: int, *, sse: bool = False) -> CapturedBod
         capture.feed(data)
         return capture.result()
     text, truncated = body_text(data, limit)
-    summary = _EMPTY_SUMMARY if truncated else _summary_of_json(text)
-    return CapturedBody(text=text, truncated=truncated, summary=summary)
+    reply = None if truncated else _parse(text)
+    summary = _EMPTY_SUMMARY if truncated else completion_summary(reply)
+    return CapturedBody(text=text, truncated=truncated, summary=summary, reply=reply)
 
 
 def response_body(

@@ -9,7 +9,6 @@ records hold (redaction, serialisation, truncation) is built in `records`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aiohttp import web
 
+from .assembler import json_loads
 from .capture import CapturedBody, ResponseCapture, response_body
 from .config import StoreConfig
 from .errors import InvalidSessionIdError, StoreError
@@ -157,11 +157,8 @@ class _Recorder:
         turn = rec.turn
         if turn is None or not turn.advanced or body is None or body.truncated:
             return
-        if body.text is None:
-            return
-        try:
-            reply = json.loads(body.text)
-        except (ValueError, RecursionError):
+        reply = body.reply
+        if reply is None:
             return
         self.manager.lineage.complete(turn, reply, response_id=rec.response_id, now=now_ms())
 
@@ -284,7 +281,7 @@ async def _before_handler(
     rec.raw = raw
     if raw:
         try:
-            body = json.loads(raw)
+            body = json_loads(raw)
         except (ValueError, RecursionError):
             body = None
     rec.body = body

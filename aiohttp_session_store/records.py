@@ -34,6 +34,9 @@ log: Final = logging.getLogger("aiohttp_session_store.records")
 #: What a secret is stored as.
 REDACTED: Final = "[REDACTED]"
 _REDACTION_FAILED: Final = "[redaction failed]"
+# One encoder each, made once: json.dumps with any option builds a new encoder per call.
+_dumps_text: Final = json.JSONEncoder(ensure_ascii=False).encode
+_dumps_any: Final = json.JSONEncoder(ensure_ascii=False, default=str).encode
 #: "Not set by the handler" (None is a value a handler may set).
 _UNSET: Final[Any] = object()
 
@@ -86,9 +89,8 @@ class RecordBuilder:
 
     def headers_json(self, headers: Mapping[str, str]) -> str:
         redacted = self.redacted
-        return json.dumps(
-            {k: (REDACTED if k.lower() in redacted else v) for k, v in headers.items()},
-            ensure_ascii=False,
+        return _dumps_text(
+            {k: (REDACTED if k.lower() in redacted else v) for k, v in headers.items()}
         )
 
     def has_secret_fields(self, value: Any) -> bool:
@@ -138,7 +140,7 @@ class RecordBuilder:
             text = value
         else:
             try:
-                text = json.dumps(value, ensure_ascii=False, default=str)
+                text = _dumps_any(value)
             except (ValueError, RecursionError):
                 text = repr(value)
         text = one_replacement(text)

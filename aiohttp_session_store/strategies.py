@@ -106,10 +106,14 @@ class DirectStrategy(SessionStrategy):
         return stored
 
     async def resolve(self, session_id: str, first: str) -> Session:
-        live = await self.get(session_id)
-        if live is not None:
-            return live
-        return await self.create(session_id, None, first)
+        # One awaited statement where the backend can (PostgreSQL): slide or create.
+        fresh = self.new_session(session_id, self.clock(), None, first)
+        stored, replaced = await self.backend.resolve_session(fresh)
+        if replaced:
+            self.counters.total_cleaned += 1
+        if stored.is_new:
+            self.counters.total_created += 1
+        return stored
 
     async def get(self, session_id: str) -> Session | None:
         now = self.clock()

@@ -24,6 +24,7 @@ import uuid
 from typing import Any, Final
 
 from aiohttp import web
+from bench_workload import REPLY_TEXT
 
 import aiohttp_session_store as store_lib
 from aiohttp_session_store.backends.base import Backend
@@ -34,6 +35,7 @@ STATE: Final = web.AppKey("bench_state", dict)
 
 _CHUNKS: Final = 20
 _WORDS: Final = tuple(f"word{i} " for i in range(_CHUNKS))
+assert "".join(_WORDS) == REPLY_TEXT  # the workload resends this reply as the next turn's history
 
 
 def _completion_text() -> str:

@@ -18,6 +18,7 @@ __all__ = (
     "CHAT_PATH",
     "DEFAULT_CONVERSATIONS",
     "MAX_TURNS",
+    "REPLY_TEXT",
     "conversation_bodies",
     "write_bodies",
 )
@@ -26,6 +27,11 @@ CHAT_PATH: Final = "/v1/chat/completions"
 AUTHORIZATION: Final = "Bearer sk-bench-0123456789abcdef0123456789abcdef"
 DEFAULT_CONVERSATIONS: Final = 1000
 MAX_TURNS: Final = 4
+
+#: What bench_app replies to every call (20 chunks of it over SSE). A client resends the
+#: replies it received, so the assistant turns of a history are this text: the store's
+#: conversation lineage then finds each turn's parent, as it does for a real client.
+REPLY_TEXT: Final = "".join(f"word{i} " for i in range(20))
 
 _SYSTEM: Final = (
     "You are a helpful assistant. Answer concisely, cite sources when you can, and say so"
@@ -50,7 +56,7 @@ _FOLLOW_UPS: Final = (
 )
 
 
-def _messages(rng: random.Random, conversation: int, turns: int) -> list[dict[str, str]]:
+def _messages(rng_seed: int, conversation: int, turns: int) -> list[dict[str, str]]:
     topic = _TOPICS[conversation % len(_TOPICS)]
     # The conversation number makes each first message, hence each session id, distinct.
     first = f"Conversation {conversation}: please explain {topic}. " + "Some context. " * (
@@ -58,10 +64,12 @@ def _messages(rng: random.Random, conversation: int, turns: int) -> list[dict[st
     )
     messages = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": first}]
     for turn in range(1, turns):
-        messages.append(
-            {"role": "assistant", "content": f"Answer {turn} about {topic}. " * rng.randint(2, 6)}
+        messages.append({"role": "assistant", "content": REPLY_TEXT})
+        # Drawn per (conversation, turn): each turn's history extends the previous one's.
+        follow_up = random.Random(rng_seed * 1_000_003 + conversation * 31 + turn).choice(
+            _FOLLOW_UPS
         )
-        messages.append({"role": "user", "content": rng.choice(_FOLLOW_UPS)})
+        messages.append({"role": "user", "content": follow_up})
     return messages
 
 
@@ -69,13 +77,12 @@ def conversation_bodies(
     *, stream: bool, conversations: int = DEFAULT_CONVERSATIONS, seed: int = 1
 ) -> list[bytes]:
     """Request bodies (JSON bytes), turn 1 of every conversation first, then turn 2, ..."""
-    rng = random.Random(seed)
     bodies: list[bytes] = []
     for turns in range(1, MAX_TURNS + 1):
         for conversation in range(conversations):
             body: dict[str, Any] = {
                 "model": "bench-model",
-                "messages": _messages(rng, conversation, turns),
+                "messages": _messages(seed, conversation, turns),
                 "stream": stream,
                 "temperature": 0.7,
             }

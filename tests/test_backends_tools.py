@@ -89,6 +89,24 @@ async def test_search_finds_messages_replies_and_errors_newest_first(backend: Ba
     assert ids(await backend.search('"where is my"')) == ["r1"]
 
 
+async def test_a_replayed_batch_indexes_each_call_once_with_its_last_reply(
+    backend: Backend,
+) -> None:
+    """Requests and replies of one batch are indexed by one statement; replaying it is harmless."""
+    batch = WriteBatch(
+        requests=[make_request("r1", ts=T0, body=chat(("user", "Where is my refund?")))],
+        responses=[
+            make_response("r1", body=reply("checking the ledger")),
+            replace(make_response("r1", body=reply("It was sent on Monday")), response_id="p2"),
+        ],
+    )
+    await backend.write_batch(batch)
+    await backend.write_batch(batch)
+    assert ids(await backend.search("refund")) == ["r1"]
+    assert ids(await backend.search("monday")) == ["r1"]
+    assert ids(await backend.search("ledger")) == []  # a later reply of the call replaced it
+
+
 async def test_search_filters_and_limit(backend: Backend) -> None:
     await store_calls(backend)
     await backend.write_batch(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 from dataclasses import replace
@@ -11,6 +12,8 @@ from typing import Any
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpServer
 
 from aiohttp_session_store import SessionManager, StoreConfig, get_store
@@ -47,6 +50,39 @@ def test_canonical_ignores_what_clients_drop_or_rewrite() -> None:
         "unknown": 1,
     }
     assert canonical(sent) == canonical({"role": "assistant", "content": "Hello there."})
+
+
+_STDLIB = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, check_circular=False
+).encode
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(st.characters(exclude_categories=())),
+    name=st.text(min_size=1),
+    args=st.text(st.characters(exclude_categories=())),
+)
+def test_canonical_bytes_are_the_stdlib_encoders_whichever_encoder_runs(
+    text: str, name: str, args: str
+) -> None:
+    """Stored chain hashes must not depend on orjson being installed: same bytes as json."""
+    message = {
+        "role": "assistant",
+        "name": name,
+        "content": text,
+        "tool_calls": [{"id": "c1", "function": {"name": name, "arguments": args}}],
+        "tool_call_id": name,
+    }
+    kept: dict[str, Any] = {"role": "assistant", "name": name}
+    if text.strip():
+        kept["content"] = text.strip()
+    kept["tool_calls"] = [["c1", name, args]]
+    kept["tool_call_id"] = name
+    assert canonical(message) == _STDLIB(kept).encode("utf-8", "surrogatepass")
+    plain = {"role": "user", "content": text}  # the commonest shape has its own path
+    kept = {"role": "user", "content": text.strip()} if text.strip() else {"role": "user"}
+    assert canonical(plain) == _STDLIB(kept).encode("utf-8", "surrogatepass")
 
 
 def test_canonical_text_parts_equal_a_string() -> None:

@@ -88,6 +88,20 @@ class Backend(abc.ABC):
     async def touch_session(self, session_id: str, *, now: int, expires_at: int) -> Session | None:
         """Slide the expiry of a row not expired at `now`; None if missing or expired."""
 
+    async def resolve_session(self, fresh: Session) -> tuple[Session, bool]:
+        """The live row of `fresh.id` slid to `fresh`'s times, else `fresh` stored (`is_new`).
+
+        Returns (session, replaced): `replaced` is True when an expired row made way for
+        `fresh` (counted as cleaned). A backend may do this in one statement; this default
+        is the touch / delete-if-expired / insert sequence.
+        """
+        now = fresh.last_accessed
+        live = await self.touch_session(fresh.id, now=now, expires_at=fresh.expires_at)
+        if live is not None:
+            return live, False
+        replaced = await self.delete_session_if_expired(fresh.id, now)
+        return await self.insert_session(fresh), replaced
+
     @abc.abstractmethod
     async def advance_session(
         self, session_id: str, parent_id: str | None, *, now: int, expires_at: int

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Final, Generic, TypeVar
 
 from ..models import LineageNode, RequestRecord, ResponseRecord, Session
@@ -18,12 +19,6 @@ T = TypeVar("T")
 _DECODE: Final[dict[str, Callable[[Any], Any]]] = {"stream": bool}
 
 
-def _store(value: object, encode: Callable[[object], object]) -> object:
-    if type(value) is bool:
-        return 1 if value else 0
-    return encode(value)
-
-
 @dataclass(frozen=True, slots=True)
 class RowCodec(Generic[T]):
     """A model class and its columns; each column is the field of the same name."""
@@ -31,6 +26,11 @@ class RowCodec(Generic[T]):
     cls: Callable[..., T]
     table: str
     columns: tuple[str, ...]
+    # Every column's value in one C call: `args` runs for each record of every batch.
+    _get: Callable[[T], tuple[object, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_get", attrgetter(*self.columns))
 
     @property
     def names(self) -> str:
@@ -40,7 +40,9 @@ class RowCodec(Generic[T]):
         return ", ".join(f"{alias}.{c}" for c in self.columns)
 
     def args(self, value: T, encode: Callable[[object], object]) -> tuple[object, ...]:
-        return tuple(_store(getattr(value, c), encode) for c in self.columns)
+        # A bool is stored as 0/1 (see _DECODE); inline, as a call per value would cost more
+        # than the rest of this.
+        return tuple([encode(v) if type(v) is not bool else int(v) for v in self._get(value)])
 
     def decode(self, row: Sequence[Any], start: int = 0, **extra: object) -> T:
         fields = {

@@ -15,6 +15,8 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import DatabaseNotFoundError, StoreError, StoreUnavailableError
 from ..migrations import MIGRATIONS, Migration
+from ..models import Session
+from .codecs import SESSIONS
 from .core import Conn, Row
 from .dialect import POSTGRES, Dialect
 from .sql import SQLBackend
@@ -59,6 +61,56 @@ def _unavailable(exc: BaseException) -> bool:
     # The connection was closed under a call (server gone mid-query, pool terminated);
     # other InterfaceErrors are misuse and stay as they are.
     return isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc)
+
+
+# Parameter types of the sessions columns, spelled out where INSERT ... SELECT cannot infer them.
+_SESSION_TYPES: Final = {
+    "message_count": "integer",
+    "created_at": "bigint",
+    "last_accessed": "bigint",
+    "expires_at": "bigint",
+}
+
+
+def _resolve_sql() -> str:
+    """Slide a live session or store a fresh one: one statement, one round trip.
+
+    `slid` slides a live row (as `touch_session`); only when it found none does `made`
+    insert the fresh row, replacing an expired one (as `insert_session`). A live row that
+    another instance inserted after this statement's snapshot makes both return nothing:
+    the caller runs it again, and then slides that row. So `is_new` is exact: true only for
+    the statement that wrote the row. `xmax` is 0 on a plain insert, set on a replacement.
+    """
+    cols = SESSIONS.columns
+    at = {c: f"${i}" for i, c in enumerate(cols, 1)}
+    names = SESSIONS.names
+    typed = ", ".join(f"{at[c]}::{_SESSION_TYPES.get(c, 'text')}" for c in cols)
+    excluded = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
+    now, expires, key = at["last_accessed"], at["expires_at"], at["id"]
+    return (
+        f"WITH slid AS (UPDATE sessions SET last_accessed = {now}, expires_at = {expires}"
+        f" WHERE id = {key} AND expires_at > {now} RETURNING {names}),"
+        f" made AS (INSERT INTO sessions ({names}) SELECT {typed}"
+        " WHERE NOT EXISTS (SELECT 1 FROM slid)"
+        f" ON CONFLICT (id) DO UPDATE SET {excluded}"
+        " WHERE sessions.expires_at <= excluded.created_at"
+        f" RETURNING {names}, xmax <> 0 AS replaced)"
+        f" SELECT {names}, false, false FROM slid"
+        f" UNION ALL SELECT {names}, true, replaced FROM made"
+    )
+
+
+_RESOLVE_SQL: Final = _resolve_sql()
+
+
+async def _no_reset(conn: Any) -> None:
+    """The pool's reset on release, skipped: this backend leaves no session state behind.
+
+    asyncpg's default reset is a round trip per release (advisory unlock, CLOSE ALL,
+    UNLISTEN, RESET ALL). Nothing here takes session-level locks, opens cursors outside a
+    transaction, listens or runs SET (settings go in the startup packet); an open
+    transaction is still rolled back by asyncpg before this is called.
+    """
 
 
 def _count(status: str) -> int:
@@ -169,8 +221,8 @@ class PostgresBackend(SQLBackend):
 
     async def _open(self) -> None:
         # Settings sent in the startup packet are each connection's session defaults, so
-        # they survive the `RESET ALL` asyncpg runs when a connection returns to the pool
-        # (a SET in an init callback would not).
+        # they would survive even a `RESET ALL` on release (a SET in an init callback would
+        # not); the pool runs no reset query at all (see `_no_reset`).
         server_settings: dict[str, str] = {}
         if self._schema is not None:
             server_settings["search_path"] = f'"{self._schema}"'
@@ -184,6 +236,7 @@ class PostgresBackend(SQLBackend):
                 max_size=self._max_size,
                 command_timeout=self._command_timeout,
                 server_settings=server_settings,
+                reset=_no_reset,
             )
         except asyncpg.InvalidCatalogNameError as exc:
             if self._read_only:
@@ -267,6 +320,25 @@ class PostgresBackend(SQLBackend):
                 outages += 1
                 if not retry or outages >= 2:
                     raise StoreUnavailableError(f"PostgreSQL is unavailable: {exc}") from exc
+
+    async def resolve_session(self, fresh: Session) -> tuple[Session, bool]:
+        args = SESSIONS.args(fresh, self.dialect.encode)
+        width = len(SESSIONS.columns)
+
+        async def resolve(conn: Conn) -> tuple[Session, bool] | None:
+            rows = await conn.fetch(_RESOLVE_SQL, args)
+            if not rows:
+                return None
+            row = rows[0]
+            return SESSIONS.decode(row, is_new=bool(row[width])), bool(row[width + 1])
+
+        # Not retried on a lost reply (it would turn "new" into "existing"); an empty
+        # answer (a race with another instance's insert) is run again, boundedly.
+        for _ in range(10):
+            stored = await self._run(resolve, write=True, retry=False, transaction=False)
+            if stored is not None:
+                return stored
+        raise StoreError(f"session {fresh.id!r} kept changing while being resolved")
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

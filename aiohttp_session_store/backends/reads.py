@@ -42,6 +42,11 @@ class SearchDocs:
 
     #: (prompt, request_id): a request's document, once (a replayed batch adds nothing).
     insert_request: str
+    #: (prompt, reply, request_id), a VALUES group that may be repeated: documents of
+    #: requests whose reply is in the same batch, written whole by one statement. FTS5
+    #: flushes its pending terms at the end of every statement, and an UPDATE of the reply
+    #: re-tokenises the prompt: one INSERT for a batch costs a fraction of both.
+    insert_documents: str
     #: (reply, request_id): the reply side, set (again) when its response is recorded.
     set_reply: str
     #: (request_id list): the documents of requests about to be deleted.
@@ -60,6 +65,11 @@ def search_docs_for(d: Dialect) -> SearchDocs:
             f"INSERT INTO search_docs ({key}, prompt, reply) SELECT id, {{}}, ''"
             " FROM requests WHERE request_id = {}"
             f" AND NOT EXISTS (SELECT 1 FROM search_docs WHERE {key} = requests.id)"
+        ),
+        insert_documents=d.sql(
+            f"INSERT INTO search_docs ({key}, prompt, reply) SELECT q.id, v.column1, v.column2"
+            " FROM ( VALUES ({}, {}, {})) AS v JOIN requests q ON q.request_id = v.column3"
+            f" WHERE NOT EXISTS (SELECT 1 FROM search_docs s WHERE s.{key} = q.id)"
         ),
         set_reply=d.sql(
             f"UPDATE search_docs SET reply = {{}} WHERE {key} ="

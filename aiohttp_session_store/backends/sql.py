@@ -4,7 +4,7 @@ extend (`SQLBackend`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, Literal
+from typing import Final, Literal, TypeAlias
 
 from ..models import Exchange, LineageNode, RequestQuery, ResponseFact, WriteBatch
 from ..stats import StatsReport, report_from_rows
@@ -29,6 +29,11 @@ __all__ = ("SQLBackend",)
 _BACKFILL_PAGE: Final = 1000
 
 
+#: One statement of a batch: how to run it ("rows": multi-row insert, "many": executemany,
+#: "one": a single execution of rows[0]), its SQL and its parameter rows.
+BatchStep: TypeAlias = tuple[Literal["rows", "many", "one"], str, Sequence[Sequence[object]]]
+
+
 def _exchange(row: Row, start: int = 0) -> Exchange:
     n = start + len(REQUESTS.columns)
     response = None if row[n] is None else RESPONSES.decode(row, n)
@@ -46,49 +51,84 @@ class SQLBackend(SQLCore):
 
     # -- records -----------------------------------------------------------------------
 
-    async def write_batch(self, batch: WriteBatch) -> None:
-        if not len(batch):
-            return
+    def batch_steps(self, batch: WriteBatch) -> list[BatchStep]:
+        """The statements of one batch, in order, with their rows (pure: no I/O).
+
+        A backend may build them where it runs them (SQLite: on its connection's thread).
+        """
         q, encode = self._q, self.dialect.encode
         # Last snapshot of an id wins (at the place of its first).
         snapshots = {s.id: s for s in batch.sessions}
         order = sorted(snapshots) if self.dialect.sorted_snapshots else list(snapshots)
-        sessions = [SESSIONS.args(snapshots[k], encode) for k in order]
-        deleted = sorted(set(batch.deleted_sessions))
-        requests = [REQUESTS.args(r, encode) for r in batch.requests]
-        upstream = [self._args(body, rid) for rid, body in batch.upstream_requests]
-        responses = [RESPONSES.args(r, encode) for r in batch.responses]
-        nodes = [LINEAGE.args(n, encode) for n in batch.nodes]
+        steps: list[BatchStep] = []
+        if snapshots:
+            steps.append(
+                ("rows", q.upsert_session, [SESSIONS.args(snapshots[k], encode) for k in order])
+            )
+        if batch.deleted_sessions:
+            deleted = sorted(set(batch.deleted_sessions))
+            steps.append(("one", q.delete_sessions_in, [(self.dialect.list_param(deleted),)]))
+        # Requests before the upstream bodies and the responses that refer to them.
+        if batch.requests:
+            steps.append(
+                ("rows", q.insert_request, [REQUESTS.args(r, encode) for r in batch.requests])
+            )
+        if batch.upstream_requests:
+            upstream = [self._args(body, rid) for rid, body in batch.upstream_requests]
+            steps.append(("many", q.update_upstream, upstream))
         # The search index, in the same transaction: a committed record is searchable.
-        docs = search_docs_for(self.dialect)
         indexed = self._indexed
-        prompts = [
-            self._args(prompt_text(r.openai_request), r.request_id)
-            for r in (batch.requests if indexed else ())
-        ]
-        replies = [
-            self._args(reply_text(r.openai_response, r.error), r.request_id)
-            for r in (batch.responses if indexed else ())
-        ]
+        # The last reply of each request in this batch (as setting them in turn would leave).
+        replies = {r.request_id: r for r in batch.responses} if indexed else {}
+        if indexed and batch.requests:
+            docs = search_docs_for(self.dialect)
+            whole = {
+                r.request_id: self._args(
+                    prompt_text(r.openai_request),
+                    reply_text(replies[r.request_id].openai_response, replies[r.request_id].error),
+                    r.request_id,
+                )
+                for r in batch.requests
+                if r.request_id in replies
+            }
+            if whole:
+                steps.append(("rows", docs.insert_documents, list(whole.values())))
+            prompts = [
+                self._args(prompt_text(r.openai_request), r.request_id)
+                for r in batch.requests
+                if r.request_id not in whole
+            ]
+            if prompts:
+                steps.append(("many", docs.insert_request, prompts))
+            for request_id in whole:
+                del replies[request_id]
+        if batch.responses:
+            responses = [RESPONSES.args(r, encode) for r in batch.responses]
+            steps.append(("rows", q.insert_response, responses))
+            if replies:
+                # Replies to requests committed by an earlier batch: set on their document.
+                later = [
+                    self._args(reply_text(r.openai_response, r.error), rid)
+                    for rid, r in replies.items()
+                ]
+                steps.append(("many", search_docs_for(self.dialect).set_reply, later))
+        if batch.nodes:
+            steps.append(("rows", q.insert_lineage, [LINEAGE.args(n, encode) for n in batch.nodes]))
+        return steps
+
+    async def write_batch(self, batch: WriteBatch) -> None:
+        if not len(batch):
+            return
+        steps = self.batch_steps(batch)
 
         async def write(conn: Conn) -> None:
-            if sessions:
-                await conn.insert_rows(q.upsert_session, sessions)
-            if deleted:
-                await conn.execute(q.delete_sessions_in, (self.dialect.list_param(deleted),))
-            # Requests before the upstream bodies and the responses that refer to them.
-            if requests:
-                await conn.insert_rows(q.insert_request, requests)
-            if upstream:
-                await conn.executemany(q.update_upstream, upstream)
-            if prompts:
-                await conn.executemany(docs.insert_request, prompts)
-            if responses:
-                await conn.insert_rows(q.insert_response, responses)
-            if replies:
-                await conn.executemany(docs.set_reply, replies)
-            if nodes:
-                await conn.insert_rows(q.insert_lineage, nodes)
+            for kind, sql, rows in steps:
+                if kind == "rows":
+                    await conn.insert_rows(sql, rows)
+                elif kind == "many":
+                    await conn.executemany(sql, rows)
+                else:
+                    await conn.execute(sql, rows[0])
 
         # Replaying a batch is harmless (keyed records, upserted snapshots): safe to retry.
         await self._run(write, write=True, retry=True)
