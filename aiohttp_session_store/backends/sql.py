@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, Literal
 
+from ..migrations import RESPONSE_MODEL_VERSION
 from ..models import Exchange, LineageNode, RequestQuery, ResponseFact, WriteBatch
 from ..stats import StatsReport, report_from_rows
 from .codecs import LINEAGE, REQUESTS, RESPONSES, SESSIONS
@@ -44,6 +45,11 @@ class SQLBackend(SQLCore):
         without it (a test of an older schema) writes records as that schema had them."""
         return any(m.backfill == "search" for m in self._migrations)
 
+    @property
+    def _response_models(self) -> bool:
+        """Whether responses carry their request's model (same reason as `_indexed`)."""
+        return any(m.version == RESPONSE_MODEL_VERSION for m in self._migrations)
+
     # -- records -----------------------------------------------------------------------
 
     async def write_batch(self, batch: WriteBatch) -> None:
@@ -58,6 +64,11 @@ class SQLBackend(SQLCore):
         requests = [REQUESTS.args(r, encode) for r in batch.requests]
         upstream = [self._args(body, rid) for rid, body in batch.upstream_requests]
         responses = [RESPONSES.args(r, encode) for r in batch.responses]
+        modelled = (
+            self.dialect.list_param(sorted({r.response_id for r in batch.responses}))
+            if responses and self._response_models
+            else None
+        )
         nodes = [LINEAGE.args(n, encode) for n in batch.nodes]
         # The search index, in the same transaction: a committed record is searchable.
         docs = search_docs_for(self.dialect)
@@ -85,6 +96,8 @@ class SQLBackend(SQLCore):
                 await conn.executemany(docs.insert_request, prompts)
             if responses:
                 await conn.insert_rows(q.insert_response, responses)
+            if modelled is not None:
+                await conn.execute(q.set_response_models, (modelled,))
             if replies:
                 await conn.executemany(docs.set_reply, replies)
             if nodes:
@@ -191,7 +204,9 @@ class SQLBackend(SQLCore):
         return exchanges, (int(rows[-1][1 + REQUESTS.columns.index("timestamp")]), int(rows[-1][0]))
 
     async def response_stats(self, query: RequestQuery) -> StatsReport:
-        aggregates, first_bytes = stats_sql(self.dialect, query)
+        aggregates, first_bytes = stats_sql(
+            self.dialect, query, response_models=self._response_models
+        )
 
         async def read(conn: Conn) -> tuple[list[Row], list[Row]]:
             # One connection (SQLite: one read transaction), so both see the same rows.
