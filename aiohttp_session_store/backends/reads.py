@@ -207,33 +207,32 @@ def stats_sql(
     Other filters are on the request (its session, stream flag and time), so those read
     through the join.
     """
-    bind = Binder(d)
     alone = response_models and (
         query.session_id is None
         and query.stream is None
         and query.since is None
         and query.until is None
     )
-    if alone:
-        model, source = "r.model", " FROM responses r"
-        where = "" if query.model is None else f" WHERE r.model = {bind(query.model)}"
-    else:
-        model, source, where = "q.model", f" {_FACTS}", request_where(query, bind)
+    model, source = ("r.model", " FROM responses r") if alone else ("q.model", f" {_FACTS}")
+
+    def where(bind: Binder) -> str:
+        if not alone:
+            return request_where(query, bind)
+        return "" if query.model is None else f" WHERE r.model = {bind(query.model)}"
+
+    bind = Binder(d)
     aggregates = (
         f"SELECT {model}, r.outcome, r.duration_ms, count(*), sum(r.prompt_tokens),"
         " sum(r.completion_tokens), sum(r.total_tokens),"
-        f" sum(CASE WHEN {_NO_USAGE} THEN 1 ELSE 0 END){source}{where}"
+        f" sum(CASE WHEN {_NO_USAGE} THEN 1 ELSE 0 END){source}{where(bind)}"
         f" GROUP BY {model}, r.outcome, r.duration_ms"
     )
     first = (aggregates, bind.params)
     bind = Binder(d)
-    if alone:
-        where = "" if query.model is None else f" WHERE r.model = {bind(query.model)}"
-    else:
-        where = request_where(query, bind)
-    where += f"{' AND' if where else ' WHERE'} r.first_byte_ms IS NOT NULL"
+    measured = where(bind)
+    measured += f"{' AND' if measured else ' WHERE'} r.first_byte_ms IS NOT NULL"
     first_bytes = (
-        f"SELECT {model}, r.first_byte_ms, count(*){source}{where}"
+        f"SELECT {model}, r.first_byte_ms, count(*){source}{measured}"
         f" GROUP BY {model}, r.first_byte_ms"
     )
     return first, (first_bytes, bind.params)
