@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ("MIGRATIONS", "SCHEMA_VERSION_KEY", "Migration", "latest_version")
+__all__ = (
+    "MIGRATIONS",
+    "RESPONSE_MODEL_VERSION",
+    "SCHEMA_VERSION_KEY",
+    "Migration",
+    "latest_version",
+)
 
 SCHEMA_VERSION_KEY: Final = "aiohttp_session_store.schema_version"
 
@@ -222,6 +228,29 @@ def _views() -> dict[str, tuple[str, ...]]:
 
 _VIEWS: Final = _views()
 
+#: The migration that gives each response its request's model (the writer fills it from then on).
+RESPONSE_MODEL_VERSION: Final = 6
+
+# Statistics (15.4: over 1M responses in under 2 s). They group every response by its
+# request's model: joining 1M responses to their requests and sorting them by (model, value)
+# in SQLite's sorter took ~6 s. A copy of the model on the response (requests never change
+# after they are written, so it cannot drift) lets both groupings be an index-only scan in
+# the order they are grouped by: no join, no sort (under 1 s). PostgreSQL, given the column,
+# hash-aggregates a scan of responses alone; it does not get the indexes, which would only
+# slow its writes.
+_RESPONSE_MODEL: Final = (
+    "ALTER TABLE responses ADD COLUMN model TEXT",
+    "UPDATE responses SET model ="
+    " (SELECT q.model FROM requests q WHERE q.request_id = responses.request_id)",
+)
+_RESPONSE_MODEL_INDEXES: Final = (
+    # Per (model, outcome, duration): calls, token sums and the duration histogram.
+    "CREATE INDEX idx_responses_model_stats ON responses"
+    " (model, outcome, duration_ms, prompt_tokens, completion_tokens, total_tokens)",
+    # Per (model, first byte): the time-to-first-byte histogram.
+    "CREATE INDEX idx_responses_model_first_byte ON responses (model, first_byte_ms)",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "initial schema", _INITIAL["sqlite"], _INITIAL["postgres"]),
     Migration(
@@ -239,6 +268,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     # The backfill indexes every request already stored, in pages by id.
     Migration(4, "full-text search", _SEARCH_SQLITE, _SEARCH_POSTGRES, backfill="search"),
     Migration(5, "readable views and id prefixes", _VIEWS["sqlite"], _VIEWS["postgres"]),
+    Migration(
+        RESPONSE_MODEL_VERSION,
+        "responses carry their model",
+        _RESPONSE_MODEL + _RESPONSE_MODEL_INDEXES,
+        _RESPONSE_MODEL,
+    ),
 )
 
 

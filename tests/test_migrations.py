@@ -208,6 +208,8 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, int, int]]] = {
         ("duration_ms", "INTEGER", 1, 0),
         ("first_byte_ms", "INTEGER", 0, 0),
         ("created_at", "INTEGER", 1, 0),
+        # Migration 6: the request's model, copied for statistics.
+        ("model", "TEXT", 0, 0),
     ],
     "lineage": [
         ("hash", "TEXT", 0, 1),
@@ -242,6 +244,13 @@ EXPECTED_INDEXES: set[tuple[str, tuple[str, ...], int, str]] = {
     ("responses", ("request_id",), 0, "c"),
     ("responses", ("session_id",), 0, "c"),
     ("responses", ("timestamp",), 0, "c"),
+    (
+        "responses",
+        ("model", "outcome", "duration_ms", "prompt_tokens", "completion_tokens", "total_tokens"),
+        0,
+        "c",
+    ),
+    ("responses", ("model", "first_byte_ms"), 0, "c"),
     ("lineage", ("hash",), 1, "pk"),
     ("lineage", ("session_id",), 0, "c"),
     ("lineage", ("created_at",), 0, "c"),
@@ -256,6 +265,8 @@ EXPECTED_INDEX_NAMES = {
     "idx_responses_request_id",
     "idx_responses_session_id",
     "idx_responses_timestamp",
+    "idx_responses_model_stats",
+    "idx_responses_model_first_byte",
     "idx_lineage_session_id",
     "idx_lineage_created_at",
 }

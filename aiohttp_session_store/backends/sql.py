@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, Literal, TypeAlias
 
+from ..migrations import RESPONSE_MODEL_VERSION
 from ..models import Exchange, LineageNode, RequestQuery, ResponseFact, WriteBatch
 from ..stats import StatsReport, report_from_rows
 from .codecs import LINEAGE, REQUESTS, RESPONSES, SESSIONS
@@ -48,6 +49,11 @@ class SQLBackend(SQLCore):
         """Whether this store has the search index: a backend given a migration registry
         without it (a test of an older schema) writes records as that schema had them."""
         return any(m.backfill == "search" for m in self._migrations)
+
+    @property
+    def _response_models(self) -> bool:
+        """Whether responses carry their request's model (same reason as `_indexed`)."""
+        return any(m.version == RESPONSE_MODEL_VERSION for m in self._migrations)
 
     # -- records -----------------------------------------------------------------------
 
@@ -105,6 +111,10 @@ class SQLBackend(SQLCore):
         if batch.responses:
             responses = [RESPONSES.args(r, encode) for r in batch.responses]
             steps.append(("rows", q.insert_response, responses))
+            if self._response_models:
+                # Each response carries its request's model (stats read one index).
+                ids = self.dialect.list_param(sorted({r.response_id for r in batch.responses}))
+                steps.append(("one", q.set_response_models, [(ids,)]))
             if replies:
                 # Replies to requests committed by an earlier batch: set on their document.
                 later = [
@@ -231,7 +241,9 @@ class SQLBackend(SQLCore):
         return exchanges, (int(rows[-1][1 + REQUESTS.columns.index("timestamp")]), int(rows[-1][0]))
 
     async def response_stats(self, query: RequestQuery) -> StatsReport:
-        aggregates, first_bytes = stats_sql(self.dialect, query)
+        aggregates, first_bytes = stats_sql(
+            self.dialect, query, response_models=self._response_models
+        )
 
         async def read(conn: Conn) -> tuple[list[Row], list[Row]]:
             # One connection (SQLite: one read transaction), so both see the same rows.
