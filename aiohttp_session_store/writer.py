@@ -14,6 +14,10 @@ exhaust its memory. The error is logged once per burst.
 
 An optional `observer` (metrics) sees each record as it is handed over and the time each
 commit took; with none set, the cost is one attribute test per call.
+
+Slightly over the 400-line guide as one concern: the queue, its bounds in records and
+bytes, the batch it cuts and the commit loop that settles waiters share state that only
+makes sense together.
 """
 
 from __future__ import annotations

@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
-import logging
 import os
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, TypeVar
 
 import aiosqlite
 
-from ..errors import DatabaseNotFoundError, StoreError, StoreUnavailableError
+from ..errors import StoreError, StoreUnavailableError
 from ..migrations import MIGRATIONS, Migration
 from ..models import WriteBatch
 from .core import Conn, Row
 from .dialect import SQLITE, Dialect
 from .sql import SQLBackend
+from .sqlite_files import StoreFiles
 
 __all__ = ("SQLiteBackend",)
 
-log: Final = logging.getLogger("aiohttp_session_store.sqlite")
 
 R = TypeVar("R")
 
@@ -148,8 +144,7 @@ class SQLiteBackend(SQLBackend):
         adopt: bool = False,
     ) -> None:
         self._path = os.fspath(path)
-        self._copy_dir: str | None = None
-        self._writer_lock: int | None = None
+        self._files = StoreFiles(self._path)
         if not self._path:
             raise ValueError("database path is empty")
         super().__init__(read_only=read_only, migrations=migrations, adopt=adopt)
@@ -204,13 +199,12 @@ class SQLiteBackend(SQLBackend):
                     await db.execute("PRAGMA synchronous=NORMAL")
             self._db = db
             if not self._read_only:
-                if self._path != ":memory:":
-                    self._claim_writer()
+                self._files.claim_writer()
                 await self.migrate()
         except BaseException:
             self._db = None
             await db.close()
-            self._release()
+            self._files.release()
             raise
 
     async def _enable_wal(self, db: aiosqlite.Connection) -> None:
@@ -234,62 +228,10 @@ class SQLiteBackend(SQLBackend):
         Synchronous on purpose: a stat and a mkdir are quicker than a hop to a thread.
         """
         if self._read_only:
-            if self._path == ":memory:" or not os.path.isfile(self._path):
-                raise DatabaseNotFoundError(f"no database at {self._path}")
-            # mode=ro: SQLite itself refuses to create or write the file.
-            path = self._path
-            if not os.path.exists(f"{path}-wal"):
-                # No -wal file: no connection has the database open for writing. Even a
-                # read-only WAL open would create -wal/-shm files here; immutable reads
-                # the file as it is and creates nothing.
-                return Path(path).resolve().as_uri() + "?mode=ro&immutable=1", True
-            if not os.path.exists(f"{path}-shm"):
-                # A crash left a -wal but no -shm: reading the log needs a wal-index,
-                # which SQLite would create beside the file. Read a private copy instead
-                # (its own -shm is made in the private directory).
-                return Path(self._private_copy()).as_uri() + "?mode=ro", True
-            # readonly_shm: never write the -shm either (after a crash SQLite rebuilds the
-            # wal-index in memory instead of in the file).
-            return Path(path).resolve().as_uri() + "?mode=ro&readonly_shm=1", True
+            return self._files.read_only_target(), True
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         return self._path, False
-
-    def _release(self) -> None:
-        """Drop what an open held besides the connection: a private copy, the writer lock."""
-        if self._copy_dir is not None:
-            shutil.rmtree(self._copy_dir, ignore_errors=True)
-            self._copy_dir = None
-        if self._writer_lock is not None:
-            os.close(self._writer_lock)  # closing the descriptor releases its flock
-            self._writer_lock = None
-
-    def _claim_writer(self) -> None:
-        """Warn when another store already writes this file (SQLite is one process's)."""
-        try:
-            fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            log.warning(
-                "%s is already open for writing by another store: a SQLite store belongs to"
-                " one proxy process (its sessions are cached in memory); several instances"
-                " need PostgreSQL",
-                self._path,
-            )
-            return
-        self._writer_lock = fd
-
-    def _private_copy(self) -> str:
-        """A copy of the database and its -wal in a private directory, removed on close."""
-        self._copy_dir = tempfile.mkdtemp(prefix="aiohttp_session_store-")
-        copy = os.path.join(self._copy_dir, "store.db")
-        shutil.copyfile(self._path, copy)
-        shutil.copyfile(f"{self._path}-wal", f"{copy}-wal")
-        return copy
 
     async def _connect(self) -> aiosqlite.Connection:
         target, uri = self._target()
@@ -328,7 +270,7 @@ class SQLiteBackend(SQLBackend):
                 return
             self._db = None
             await db.close()
-            self._release()
+            self._files.release()
 
     def is_permanent_error(self, exc: BaseException) -> bool:
         # OperationalError (locked, disk full, read-only) is transient; these are not.
