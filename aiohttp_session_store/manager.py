@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Final
@@ -284,21 +284,28 @@ class SessionManager:
         self._counters.total_cleaned += deleted
         return deleted
 
-    async def purge_records(self, retention: float | None = None) -> int:
-        """Delete request/response records older than `retention` seconds (default: config)."""
-        retention = self.config.log_retention if retention is None else retention
+    async def _purge_before(
+        self, retention: float | None, delete: Callable[[int, int], Awaitable[int]]
+    ) -> tuple[int, int]:
+        """Run `delete(cutoff, batch)` in bounded batches; (rows deleted, cutoff)."""
         if retention is None:
-            return 0
+            return 0, 0
         await self._strategy.settle()
         cutoff = self._clock() - round(retention * 1000)
         purged = 0
         batch = self.config.sweep_batch_size
         while True:
-            n = await self.backend.delete_records_before(cutoff, batch)
+            n = await delete(cutoff, batch)
             purged += n
             if n < batch:
-                break
+                return purged, cutoff
+            # Yield between batches so a large purge never stalls the proxy.
             await asyncio.sleep(0)
+
+    async def purge_records(self, retention: float | None = None) -> int:
+        """Delete request/response records older than `retention` seconds (default: config)."""
+        retention = self.config.log_retention if retention is None else retention
+        purged, _ = await self._purge_before(retention, self.backend.delete_records_before)
         self.records_purged += purged
         return purged
 
@@ -309,19 +316,9 @@ class SessionManager:
         with its whole history: nothing goes wrong, it only costs the upstream more tokens.
         """
         retention = self.config.lineage_retention if retention is None else retention
-        if retention is None:
-            return 0
-        await self._strategy.settle()
-        cutoff = self._clock() - round(retention * 1000)
-        purged = 0
-        batch = self.config.sweep_batch_size
-        while True:
-            n = await self.backend.delete_lineage_before(cutoff, batch)
-            purged += n
-            if n < batch:
-                break
-            await asyncio.sleep(0)
-        self.lineage.forget_before(cutoff)
+        purged, cutoff = await self._purge_before(retention, self.backend.delete_lineage_before)
+        if retention is not None:
+            self.lineage.forget_before(cutoff)
         self.lineage_purged += purged
         return purged
 

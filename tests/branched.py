@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ if EXAMPLES not in sys.path:
 
 import fake_upstream  # noqa: E402
 import proxy_server  # noqa: E402
+from test_fidelity import assemble  # noqa: E402  (how a client library assembles a stream)
 
 TOKEN = "viewer-token-0123456789abcdef"
 KEY = "sk-alice"
@@ -57,7 +57,7 @@ class Proxy:
             if not stream:
                 message: Message = (await r.json())["choices"][0]["message"]
                 return {k: v for k, v in message.items() if v is not None}
-            return _assemble(await r.read())
+            return assemble(await r.read())
 
     async def say(self, text: str, *, stream: bool = False) -> Message:
         self.messages.append({"role": "user", "content": text})
@@ -77,30 +77,6 @@ class Proxy:
             r = await http.post(f"{self.root}/v1/chat/completions", json=body, headers=headers)
             await r.content.readline()
             r.close()
-
-
-def _assemble(raw: bytes) -> Message:
-    content: list[str] = []
-    calls: dict[int, Message] = {}
-    for line in raw.decode().splitlines():
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        for choice in json.loads(line[6:]).get("choices", ()):
-            delta = choice.get("delta", {})
-            content.append(delta.get("content") or "")
-            for piece in delta.get("tool_calls") or ():
-                call = calls.setdefault(
-                    piece["index"],
-                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-                )
-                call["id"] = piece.get("id") or call["id"]
-                function = piece.get("function", {})
-                call["function"]["name"] += function.get("name") or ""
-                call["function"]["arguments"] += function.get("arguments") or ""
-    message: Message = {"role": "assistant", "content": "".join(content)}
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return message
 
 
 @contextlib.asynccontextmanager
