@@ -8,6 +8,8 @@ tests of the viewer do the same with `AIOHTTP_SESSION_STORE_REQUIRE_BROWSER`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import shutil
 import socket
@@ -155,3 +157,35 @@ async def backend(backend_factory: Callable[..., Backend]) -> AsyncIterator[Back
         yield b
     finally:
         await b.close()
+
+
+@contextlib.asynccontextmanager
+async def loop_in_debug_mode() -> AsyncIterator[None]:
+    """The running loop in asyncio debug mode; AssertionError on leaving if it reported.
+
+    Debug mode reports coroutines never awaited (their origin tracked), tasks destroyed
+    while pending and exceptions never retrieved through the loop's exception handler, and
+    raises on a call into the loop from another thread.
+    """
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_debug(True)
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        yield
+        # Pending tasks and unretrieved exceptions are reported when collected.
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+        loop.set_debug(False)
+    assert not reported, [context.get("message") for context in reported]
+
+
+@pytest.fixture
+async def debug_loop() -> AsyncIterator[None]:
+    """The test in `loop_in_debug_mode`: the middleware and capture suites use it
+    (`pytestmark`), as aiohttp-sse runs its tests with the loop in debug mode: the same
+    tests in the same run, not a second run of whole files in a subprocess."""
+    async with loop_in_debug_mode():
+        yield

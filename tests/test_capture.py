@@ -54,6 +54,9 @@ from aiohttp_session_store import SessionStore, StoreConfig, get_session, get_st
 from aiohttp_session_store.config import Durability
 from aiohttp_session_store.models import Exchange
 
+# Every test here runs with the loop in debug mode (conftest.debug_loop).
+pytestmark = pytest.mark.usefixtures("debug_loop")
+
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
 ServerStarter = Callable[..., Awaitable[tuple[str, int]]]

@@ -6,6 +6,7 @@ Runs pytest in a subprocess against a DSN where nothing listens, with and withou
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import loop_in_debug_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_TEST = "tests/test_backends.py::test_close_is_idempotent[postgres]"
@@ -34,8 +36,10 @@ def _pytest(require: str | None) -> subprocess.CompletedProcess[str]:
     env.pop("AIOHTTP_SESSION_STORE_REQUIRE_PG", None)
     if require is not None:
         env["AIOHTTP_SESSION_STORE_REQUIRE_PG"] = require
+    # Without the hypothesis plugin: importing it is most of a subprocess's start-up.
+    args = ["-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-rs", PG_TEST, SQLITE_TEST]
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", PG_TEST, SQLITE_TEST],
+        [sys.executable, "-m", "pytest", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -71,3 +75,38 @@ def test_unreachable_postgres_fails_when_required() -> None:
         done.stdout
     )
     assert "postgresql: FAILING" in done.stdout
+
+
+# -- the loop in debug mode ------------------------------------------------------------------
+
+
+async def test_debug_mode_fails_on_an_exception_never_retrieved() -> None:
+    async def lose_an_exception() -> None:
+        async with loop_in_debug_mode():
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(ValueError("lost"))
+            del future
+
+    with pytest.raises(AssertionError, match="Future exception was never retrieved"):
+        await lose_an_exception()
+
+
+async def test_debug_mode_fails_on_a_task_destroyed_while_pending() -> None:
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    async def drop_a_pending_task() -> None:
+        async with loop_in_debug_mode():
+            asyncio.get_running_loop().create_task(forever())
+            await asyncio.sleep(0)
+
+    with pytest.raises(AssertionError, match="Task was destroyed but it is pending"):
+        await drop_a_pending_task()
+
+
+async def test_debug_mode_passes_a_clean_test_and_restores_the_loop() -> None:
+    loop = asyncio.get_running_loop()
+    async with loop_in_debug_mode():
+        assert loop.get_debug()
+        await asyncio.sleep(0)
+    assert not loop.get_debug()

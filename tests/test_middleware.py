@@ -43,6 +43,9 @@ from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
 from aiohttp_session_store.models import WriteBatch
 
+# Every test here runs with the loop in debug mode (conftest.debug_loop).
+pytestmark = pytest.mark.usefixtures("debug_loop")
+
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
 

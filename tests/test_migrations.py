@@ -400,14 +400,30 @@ async def test_a_failing_migration_leaves_nothing_half_done(db_path: Path) -> No
         ("CREATE TABLE half_done (x INTEGER)", "THIS IS NOT SQL"),
         (),
     )
+    await make_store(db_path)
     b = SQLiteBackend(db_path, migrations=(*MIGRATIONS, broken))
     with pytest.raises(sqlite3.OperationalError, match="syntax error"):
         await b.open()
-    # The earlier migration is committed; the broken one left no table and no version.
+    # The earlier migrations stay committed; the broken one left no table and no version.
     assert stored_version(db_path) == str(LATEST)
     assert "half_done" not in tables(db_path)
     assert {"sessions", "requests", "responses", "metadata"} <= tables(db_path)
     # The failed open released its connection; the default registry opens fine.
+    good = SQLiteBackend(db_path)
+    await good.open()
+    try:
+        assert await good.schema_version() == LATEST
+    finally:
+        await good.close()
+
+
+async def test_a_new_database_gets_all_its_migrations_or_none(db_path: Path) -> None:
+    # One transaction for a new database: a failing last step leaves nothing behind.
+    broken = Migration(LATEST + 1, "broken", ("CREATE TABLE half_done (x INTEGER)", "NOT SQL"), ())
+    b = SQLiteBackend(db_path, migrations=(*MIGRATIONS, broken))
+    with pytest.raises(sqlite3.OperationalError):
+        await b.open()
+    assert tables(db_path) == set()
     good = SQLiteBackend(db_path)
     await good.open()
     try:

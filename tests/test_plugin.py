@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,8 +48,6 @@ from aiohttp_session_store.models import RequestQuery, now_ms
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
-
-TESTS_DIR = Path(__file__).resolve().parent
 
 
 async def poll(check: Callable[[], Awaitable[bool]], *, timeout: float = 3.0) -> None:
@@ -517,51 +512,3 @@ async def test_sweeps_delete_in_bounded_batches(
     assert all(n <= 2 for _, n in batches)
     assert sum(n for _, n in batches) == 5
     assert len(await exchanges(store)) == 5
-
-
-# -- the loop in debug mode ----------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_suite_clean_with_the_loop_in_debug_mode() -> None:
-    """Rerun the middleware and capture suites with PYTHONASYNCIODEBUG=1.
-
-    Debug mode reports coroutines never awaited and tasks destroyed while pending, which
-    the normal run would not show: the output must hold none of them.
-    """
-    env = {**os.environ, "PYTHONASYNCIODEBUG": "1", "PYTHONWARNINGS": "default"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(TESTS_DIR / "test_middleware.py"),
-            str(TESTS_DIR / "test_capture.py"),
-            "-q",
-            "-s",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:logging",
-            # Known-failing tests that wait out a timeout add time and nothing here.
-            "-k",
-            "not client_leaving_during_a_sync_commit",
-        ],
-        cwd=TESTS_DIR.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    out = proc.stdout + proc.stderr
-    assert re.search(r"\d+ passed", out), out[-3000:]
-    for pattern in (
-        "was never awaited",
-        "Task was destroyed but it is pending",
-        "Task exception was never retrieved",
-        "Future exception was never retrieved",
-        "unclosed",
-        "Unclosed",
-    ):
-        assert pattern not in out, f"{pattern!r} in debug run:\n{out[-5000:]}"

@@ -34,6 +34,9 @@ pytestmark = pytest.mark.postgres
 BODY = {"model": "qwen-fake", "messages": [{"role": "user", "content": "hello"}]}
 
 
+# Tests take `relay` before `aiohttp_server`: fixtures are torn down in reverse, so the
+# proxies shut down while the database is still reachable. The other way round each
+# shutdown waits out its `shutdown_timeout` (10 s) for a database that is gone.
 @pytest.fixture
 async def relay(pg_schema: str) -> AsyncIterator[tuple[Relay, str]]:
     import asyncpg
@@ -86,7 +89,7 @@ async def eventually_status(root: str, want: int, timeout: float = 15.0) -> None
 
 
 async def test_started_while_the_database_is_down(
-    aiohttp_server: AiohttpServer, relay: tuple[Relay, str]
+    relay: tuple[Relay, str], aiohttp_server: AiohttpServer
 ) -> None:
     r, dsn = relay
     await r.cut()
@@ -103,7 +106,7 @@ async def test_started_while_the_database_is_down(
 
 
 async def test_an_outage_mid_conversation_is_a_503_then_heals(
-    aiohttp_server: AiohttpServer, relay: tuple[Relay, str]
+    relay: tuple[Relay, str], aiohttp_server: AiohttpServer
 ) -> None:
     r, dsn = relay
     _server, root = await proxy(aiohttp_server, dsn)

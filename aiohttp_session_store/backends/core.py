@@ -173,35 +173,41 @@ class SQLCore(Backend):
         version = await self.schema_version()
         return [(m.version, m.name) for m in self._migrations if m.version > version]
 
-    async def _migrate_step(self, conn: Conn) -> Migration | None:
-        """Apply the next pending migration and its version bump (caller: one transaction).
+    async def _migrate_steps(self, conn: Conn) -> list[Migration]:
+        """Apply pending migrations with their version bumps (caller: one transaction).
 
         The version is read afresh under the write lock: another process may have migrated
-        while this one waited for it.
+        while this one waited for it. A store that already has a version gets one migration
+        per transaction, so a failing step keeps the ones before it. A new database gets all
+        of them in one: it has nothing to keep, a failure still leaves it empty, and one
+        commit instead of one per migration halves the cost of opening a new store.
         """
         await self._prepare_migration(conn)
         version = await self._check_store(conn)
-        step = next((m for m in self._migrations if m.version > version), None)
-        if step is None:
-            return None
+        steps = [m for m in self._migrations if m.version > version]
+        if version > 0:
+            steps = steps[:1]
         # Bookkeeping must exist before a migration can record itself.
-        await conn.execute(METADATA_DDL[self.dialect.name])
-        for statement in getattr(step, self.dialect.name):
-            await conn.execute(statement)
-        if step.backfill is not None:
-            await self._backfill(step.backfill, conn)
-        await conn.execute(
-            self._q.upsert_version, self._args(SCHEMA_VERSION_KEY, str(step.version), now_ms())
-        )
-        return step
+        if steps:
+            await conn.execute(METADATA_DDL[self.dialect.name])
+        for step in steps:
+            for statement in getattr(step, self.dialect.name):
+                await conn.execute(statement)
+            if step.backfill is not None:
+                await self._backfill(step.backfill, conn)
+            await conn.execute(
+                self._q.upsert_version,
+                self._args(SCHEMA_VERSION_KEY, str(step.version), now_ms()),
+            )
+        return steps
 
     async def migrate(self) -> list[tuple[int, str]]:
         applied: list[tuple[int, str]] = []
         while True:
-            step = await self._run(self._migrate_step, write=True, retry=False)
-            if step is None:
+            steps = await self._run(self._migrate_steps, write=True, retry=False)
+            if not steps:
                 return applied
-            applied.append((step.version, step.name))
+            applied.extend((step.version, step.name) for step in steps)
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, Final, TypeVar
 
@@ -115,6 +115,58 @@ class _Conn:
 
     async def insert_rows(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         await _run_rows(self._db, sql, rows)
+
+
+class _ConnNow:
+    """The core's `Conn` on the connection's own thread: every call is done when it returns."""
+
+    __slots__ = ("_con",)
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self._con = con
+
+    async def fetch(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        return list(self._con.execute(sql, params).fetchall())
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        return self._con.execute(sql, params).rowcount
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self._con.executemany(sql, rows)
+
+    async def insert_rows(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        _run_rows_now(self._con, sql, rows)
+
+
+def _complete(awaitable: Awaitable[R]) -> R:
+    """Run an operation over `_ConnNow` to its end, synchronously.
+
+    Such an operation never suspends (each of its awaits is already done), so one step of
+    its coroutine finishes it. One that did suspend awaits something else, which has no
+    place on the connection's thread: refused rather than left half done.
+    """
+    steps = awaitable.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        result: R = done.value
+        return result
+    steps.close()
+    raise RuntimeError("a write operation awaited something other than its connection")
+
+
+def _in_transaction(con: sqlite3.Connection, work: Callable[[], R]) -> R:
+    """`BEGIN IMMEDIATE`, `work()`, `COMMIT`; rolled back on any error (connection's thread)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        result = work()
+        con.execute("COMMIT")
+    except BaseException:
+        # Nothing is left to undo when SQLite already rolled back (some errors do).
+        with contextlib.suppress(sqlite3.OperationalError):
+            con.execute("ROLLBACK")
+        raise
+    return result
 
 
 class SQLiteBackend(SQLBackend):
@@ -300,36 +352,6 @@ class SQLiteBackend(SQLBackend):
             raise StoreError(f"database {self._path} is open read-only")
         return db
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self, db: aiosqlite.Connection) -> AsyncIterator[None]:
-        """`BEGIN IMMEDIATE ... COMMIT`; rolled back on any error. Caller holds the lock.
-
-        IMMEDIATE takes SQLite's write lock at the start, so a transaction that reads then
-        writes can never fail halfway with SQLITE_BUSY because another process wrote first.
-        """
-        try:
-            # Inside the try: a task cancelled while waiting for BEGIN leaves the BEGIN
-            # queued on the connection's thread, and its transaction must be undone too.
-            await db.execute("BEGIN IMMEDIATE")
-            yield
-            await db.execute("COMMIT")
-        except BaseException:
-            # Statements run in submission order on the connection's thread, so even if
-            # this task is cancelled while waiting, the ROLLBACK is queued before the lock
-            # is released and anyone else's BEGIN.
-            # OperationalError means nothing was left to undo: BEGIN failed (busy), SQLite
-            # already rolled back (some errors do), or a cancelled COMMIT went through.
-            with contextlib.suppress(sqlite3.OperationalError):
-                await db.execute("ROLLBACK")
-            raise
-
-    @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Exclusive use of the connection inside one IMMEDIATE transaction."""
-        db = self._writable()
-        async with self._lock, self._transaction(db):
-            yield db
-
     async def write_batch(self, batch: WriteBatch) -> None:
         """The whole batch in one hop to the connection's thread: rows built and written there.
 
@@ -349,8 +371,8 @@ class SQLiteBackend(SQLBackend):
 
     def _write_now(self, con: sqlite3.Connection, batch: WriteBatch) -> None:
         steps = self.batch_steps(batch)
-        con.execute("BEGIN IMMEDIATE")
-        try:
+
+        def write() -> None:
             for kind, sql, rows in steps:
                 if kind == "rows":
                     _run_rows_now(con, sql, rows)
@@ -358,12 +380,8 @@ class SQLiteBackend(SQLBackend):
                     con.executemany(sql, rows)
                 else:
                     con.execute(sql, rows[0])
-            con.execute("COMMIT")
-        except BaseException:
-            # As `_transaction`: nothing left to undo when SQLite already rolled back.
-            with contextlib.suppress(sqlite3.OperationalError):
-                con.execute("ROLLBACK")
-            raise
+
+        _in_transaction(con, write)
 
     async def _run(
         self,
@@ -378,8 +396,14 @@ class SQLiteBackend(SQLBackend):
         # nothing is retried here, and a write's own error stays as it is for the writer's
         # `is_permanent_error`.
         if write:
-            async with self._write() as db:
-                return await op(_Conn(db))
+            # The whole operation in one hop to the connection's thread, as `write_batch`:
+            # statement by statement each was a hop (BEGIN, each statement, COMMIT), and
+            # opening a new store (every migration's statements) took ~40 of them.
+            db = self._writable()
+            async with self._lock:
+                return await db._execute(  # type: ignore[no-untyped-call, no-any-return]
+                    _in_transaction, db._conn, lambda: _complete(op(_ConnNow(db._conn)))
+                )
         db = self._conn()
         async with self._lock:
             try:
