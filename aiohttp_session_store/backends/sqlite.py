@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar, Final, TypeVar
 
@@ -16,10 +15,11 @@ import aiosqlite
 from ..errors import StoreError, StoreUnavailableError
 from ..migrations import MIGRATIONS, Migration
 from ..models import WriteBatch
-from .core import Conn, Row
+from .core import Conn
 from .dialect import SQLITE, Dialect
 from .sql import SQLBackend
 from .sqlite_files import StoreFiles
+from .sqlite_thread import ConnNow, complete, in_transaction, run_rows
 
 __all__ = ("SQLiteBackend",)
 
@@ -34,139 +34,6 @@ _HAS_RETURNING: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
 # OperationalErrors that mean "the file cannot be used right now", not "this statement is
 # wrong": a read failing so raises StoreUnavailableError.
 _UNAVAILABLE: Final = ("disk i/o error", "unable to open", "is locked", "database is full")
-
-
-# Host parameters per statement: SQLite's lowest default limit (999 before 3.32), so the
-# multi-row statements below run on every library version.
-_MAX_PARAMS: Final = 999
-
-
-@functools.lru_cache(maxsize=256)
-def _multi_row(sql: str, rows: int) -> str:
-    """`sql`, whose one `VALUES (?, ...)` or `IN (?)` group is repeated for `rows` rows.
-
-    Cached: a batch only ever uses the full-chunk size and one remainder size, so the
-    connection's statement cache keeps them prepared.
-    """
-    for opener in (" VALUES (", " IN ("):
-        head, found, tail = sql.partition(opener)
-        if found:
-            group, _, rest = tail.partition(")")
-            if opener == " IN (":
-                return f"{head} IN ({', '.join([group] * rows)}){rest}"
-            return f"{head} VALUES {', '.join([f'({group})'] * rows)}{rest}"
-    raise ValueError(f"no parameter group to repeat in {sql!r}")
-
-
-async def _run_rows(db: aiosqlite.Connection, sql: str, rows: Sequence[Sequence[object]]) -> None:
-    """Apply `sql` to every row, as many rows per statement as the parameter limit allows.
-
-    Not `executemany` row by row: sqlite3 releases and re-takes the GIL around every
-    execution, and while the event loop keeps the GIL busy (a proxy under load) each re-take
-    can wait for the interpreter's switch interval. Row by row, a loaded proxy's writer
-    committed a few thousand records a second and dropped records past
-    `max_pending_records`; in chunks it keeps up.
-    """
-    per = max(1, _MAX_PARAMS // len(rows[0]))
-    full = len(rows) // per
-    if full:
-        await db.executemany(
-            _multi_row(sql, per),
-            [[v for row in rows[i * per : (i + 1) * per] for v in row] for i in range(full)],
-        )
-    rest = rows[full * per :]
-    if rest:
-        await db.execute(_multi_row(sql, len(rest)), [v for row in rest for v in row])
-
-
-def _run_rows_now(con: sqlite3.Connection, sql: str, rows: Sequence[Sequence[object]]) -> None:
-    """`_run_rows` on the connection's own thread (see `SQLiteBackend.write_batch`)."""
-    per = max(1, _MAX_PARAMS // len(rows[0]))
-    full = len(rows) // per
-    if full:
-        con.executemany(
-            _multi_row(sql, per),
-            [[v for row in rows[i * per : (i + 1) * per] for v in row] for i in range(full)],
-        )
-    rest = rows[full * per :]
-    if rest:
-        con.execute(_multi_row(sql, len(rest)), [v for row in rest for v in row])
-
-
-class _Conn:
-    """The core's `Conn` over an aiosqlite connection."""
-
-    __slots__ = ("_db",)
-
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-
-    async def fetch(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
-        # execute + fetchall in one hop to the connection's thread; a RETURNING statement
-        # is also only complete once all its rows are stepped through.
-        return list(await self._db.execute_fetchall(sql, params))
-
-    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
-        cursor = await self._db.execute(sql, params)
-        return cursor.rowcount
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        await self._db.executemany(sql, rows)
-
-    async def insert_rows(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        await _run_rows(self._db, sql, rows)
-
-
-class _ConnNow:
-    """The core's `Conn` on the connection's own thread: every call is done when it returns."""
-
-    __slots__ = ("_con",)
-
-    def __init__(self, con: sqlite3.Connection) -> None:
-        self._con = con
-
-    async def fetch(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
-        return list(self._con.execute(sql, params).fetchall())
-
-    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
-        return self._con.execute(sql, params).rowcount
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        self._con.executemany(sql, rows)
-
-    async def insert_rows(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        _run_rows_now(self._con, sql, rows)
-
-
-def _complete(awaitable: Awaitable[R]) -> R:
-    """Run an operation over `_ConnNow` to its end, synchronously.
-
-    Such an operation never suspends (each of its awaits is already done), so one step of
-    its coroutine finishes it. One that did suspend awaits something else, which has no
-    place on the connection's thread: refused rather than left half done.
-    """
-    steps = awaitable.__await__()
-    try:
-        steps.send(None)
-    except StopIteration as done:
-        result: R = done.value
-        return result
-    steps.close()
-    raise RuntimeError("a write operation awaited something other than its connection")
-
-
-def _in_transaction(con: sqlite3.Connection, work: Callable[[], R]) -> R:
-    """`BEGIN IMMEDIATE`, `work()`, `COMMIT`; rolled back on any error (connection's thread)."""
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        result = work()
-        con.execute("COMMIT")
-    except BaseException:
-        # Nothing is left to undo when SQLite already rolled back (some errors do).
-        with contextlib.suppress(sqlite3.OperationalError):
-            con.execute("ROLLBACK")
-        raise
-    return result
 
 
 class SQLiteBackend(SQLBackend):
@@ -306,7 +173,7 @@ class SQLiteBackend(SQLBackend):
     async def _probe(self, db: aiosqlite.Connection) -> int:
         """The schema version, read before anything is written; a non-database file fails here."""
         try:
-            return await self._check_store(_Conn(db))
+            return await _on_thread(db, self._check_store)
         except sqlite3.DatabaseError as exc:
             if "file is not a database" in str(exc):
                 raise StoreError(f"{self._path} is not a SQLite database") from exc
@@ -375,13 +242,13 @@ class SQLiteBackend(SQLBackend):
         def write() -> None:
             for kind, sql, rows in steps:
                 if kind == "rows":
-                    _run_rows_now(con, sql, rows)
+                    run_rows(con, sql, rows)
                 elif kind == "many":
                     con.executemany(sql, rows)
                 else:
                     con.execute(sql, rows[0])
 
-        _in_transaction(con, write)
+        in_transaction(con, write)
 
     async def _run(
         self,
@@ -394,26 +261,37 @@ class SQLiteBackend(SQLBackend):
         # Every write is one IMMEDIATE transaction (it costs nothing extra on one
         # connection); the busy timeout already waits out other processes' locks, so
         # nothing is retried here, and a write's own error stays as it is for the writer's
-        # `is_permanent_error`.
+        # `is_permanent_error`. The lock keeps operations whole against each other; each
+        # runs in one hop to the connection's thread (sqlite_thread.py).
         if write:
-            # The whole operation in one hop to the connection's thread, as `write_batch`:
-            # statement by statement each was a hop (BEGIN, each statement, COMMIT), and
-            # opening a new store (every migration's statements) took ~40 of them.
             db = self._writable()
             async with self._lock:
-                return await db._execute(  # type: ignore[no-untyped-call, no-any-return]
-                    _in_transaction, db._conn, lambda: _complete(op(_ConnNow(db._conn)))
-                )
+                return await _on_thread(db, op, transaction=True)
         db = self._conn()
         async with self._lock:
             try:
-                return await op(_Conn(db))
+                return await _on_thread(db, op)
             except sqlite3.OperationalError as exc:
                 if any(s in str(exc).lower() for s in _UNAVAILABLE):
                     raise StoreUnavailableError(
                         f"cannot read database {self._path}: {exc}"
                     ) from exc
                 raise
+
+
+async def _on_thread(
+    db: aiosqlite.Connection, op: Callable[[Conn], Awaitable[R]], *, transaction: bool = False
+) -> R:
+    """`op` run whole on the connection's thread, in one IMMEDIATE transaction if asked."""
+    con: sqlite3.Connection = db._conn
+
+    def run() -> R:
+        return complete(op(ConnNow(con)))
+
+    # aiosqlite runs `fn` on its thread after everything queued before it.
+    work = functools.partial(in_transaction, con, run) if transaction else run
+    result: R = await db._execute(work)  # type: ignore[no-untyped-call]
+    return result
 
 
 def _new_file(destination: str) -> Path:
