@@ -15,6 +15,7 @@ from conftest import PG_DSN
 from test_backends import T0, TTL, make_request, make_session
 
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
+from aiohttp_session_store.backends.sqlite_thread import ConnNow
 from aiohttp_session_store.errors import StoreError, StoreUnavailableError
 from aiohttp_session_store.models import RequestQuery, SessionQuery, WriteBatch
 
@@ -182,8 +183,9 @@ async def test_sqlite_read_failing_on_the_file_is_unavailable(
         async def failing(*args: object, **kwargs: object) -> Any:
             raise sqlite3.OperationalError(message)
 
-        # The driver's own failure, as SQLite reports it when the disk or a lock fails.
-        monkeypatch.setattr(backend._conn(), "execute_fetchall", failing)
+        # The driver's own failure, as SQLite reports it when the disk or a lock fails,
+        # raised where every read meets the driver (on the connection's thread).
+        monkeypatch.setattr(ConnNow, "fetch", failing)
         with pytest.raises(StoreUnavailableError, match=message):
             await backend.count_sessions()
         with pytest.raises(StoreUnavailableError):
@@ -204,7 +206,7 @@ async def test_sqlite_statement_errors_are_not_outages(
         async def failing(*args: object, **kwargs: object) -> Any:
             raise sqlite3.OperationalError("no such table: sessions")
 
-        monkeypatch.setattr(backend._conn(), "execute_fetchall", failing)
+        monkeypatch.setattr(ConnNow, "fetch", failing)
         with pytest.raises(sqlite3.OperationalError, match="no such table"):
             await backend.count_sessions()
     finally:
