@@ -12,6 +12,9 @@ new items keep queueing up to `max_pending` records and `max_pending_bytes`; pas
 new records are dropped and counted, so a broken disk can neither take the proxy down nor
 exhaust its memory. The error is logged once per burst.
 
+A shared store's session changes (`put_change`) are merged per session and committed with
+the batch by atomic SQL; reads of the instance that made them consult `change_of`.
+
 An optional `observer` (metrics) sees each record as it is handed over and the time each
 commit took; with none set, the cost is one attribute test per call.
 

@@ -7,6 +7,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any, ClassVar, Final, TypeVar
 
 # asyncpg ships no type information; the `unused-ignore` keeps this line clean once the
@@ -15,7 +16,7 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import DatabaseNotFoundError, StoreError, StoreUnavailableError
 from ..migrations import MIGRATIONS, Migration
-from ..models import Session
+from ..models import Session, WriteBatch
 from .codecs import SESSIONS
 from .core import Conn, Row
 from .dialect import POSTGRES, Dialect
@@ -355,6 +356,28 @@ class PostgresBackend(SQLBackend):
             if stored is not None:
                 return stored
         raise StoreError(f"session {fresh.id!r} kept changing while being resolved")
+
+    async def write_batch(self, batch: WriteBatch) -> None:
+        """The session changes first, in a transaction of their own, then everything else.
+
+        The changes lock session rows that other instances' resolves wait for: committed
+        without waiting for the WAL flush (as the slides they extend), those locks are held
+        for a round trip, not for the records' synchronous commit.
+        """
+        if not batch.changes:
+            await super().write_batch(batch)
+            return
+        changes = sorted(batch.changes, key=lambda c: c.session.id)  # see batch_steps
+        rows = [self._change_args(c) for c in changes]
+        sql = self._q.apply_change
+
+        async def apply(conn: Conn) -> None:
+            await conn.execute("BEGIN; SET LOCAL synchronous_commit TO off")
+            await conn.executemany(sql, rows)
+            await conn.execute("COMMIT")
+
+        await self._run(apply, write=True, retry=True, transaction=False)
+        await super().write_batch(replace(batch, changes=[]))
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
