@@ -2,8 +2,9 @@
 
 The manager checks arguments, keeps the counters, the writer, the sweeper and the
 lifecycle; how sessions are stored is one strategy chosen at construction from the
-backend (see `strategies`): write-behind for a store one process owns, direct atomic
-SQL for a shared one.
+backend (see `strategies`): write-behind for a store one process owns; for a shared one,
+one awaited statement per call with turns written behind by atomic SQL (`shared_behind`),
+or every change awaited in sync durability.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .hashing import generate_session_id
 from .lineage_index import LineageIndex
 from .models import Session, SessionQuery
 from .session_cache import SessionCache, cut_text
+from .shared_behind import SharedBehindStrategy
 from .strategies import Counters, DirectStrategy, SessionStrategy, WriteBehindStrategy
 from .sweeper import Sweeper
 from .turn import CURRENT_TURN, Turn, note_chat, note_reply
@@ -97,8 +99,21 @@ class SessionManager:
         self._counters = Counters()
         timeout_ms = round(cfg.session_timeout * 1000)
         self._strategy: SessionStrategy
-        if self.backend.shared:
+        if self.backend.shared and cfg.durability == "sync":
             self._strategy = DirectStrategy(self.backend, self._clock, timeout_ms, self._counters)
+        elif self.backend.shared:
+            self._strategy = SharedBehindStrategy(
+                self.backend,
+                self._clock,
+                timeout_ms,
+                self._counters,
+                writer=self.writer,
+                known=SessionCache(
+                    max_entries=cfg.max_cached_sessions if cache_size is None else cache_size,
+                    max_bytes=cfg.max_cache_bytes,
+                ),
+                commit=self.commit_bounded,
+            )
         else:
             self._strategy = WriteBehindStrategy(
                 self.backend,

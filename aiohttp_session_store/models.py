@@ -16,6 +16,7 @@ __all__ = (
     "ResponseFact",
     "ResponseRecord",
     "Session",
+    "SessionChange",
     "SessionOrder",
     "SessionQuery",
     "WriteBatch",
@@ -91,6 +92,36 @@ class Session:
 
     def is_expired(self, now: int) -> bool:
         return self.expires_at <= now
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChange:
+    """Turns and ids one instance of a shared store set on a session, committed behind.
+
+    The writer applies it with atomic SQL (`message_count + turns`, the latest of the times,
+    the ids only when set here), so instances advancing one session never lose a turn.
+    `session` is the row as this instance expects it afterwards: its own reads are served
+    from it until the commit.
+    """
+
+    session: Session
+    turns: int
+    set_parent: bool
+    set_chat: bool
+    #: `last_accessed` and `expires_at` never move back: each takes the later value (0: kept).
+    accessed: int
+    expires_at: int
+
+    def then(self, later: SessionChange) -> SessionChange:
+        """This change followed by `later` (of the same session), as one."""
+        return SessionChange(
+            session=later.session,
+            turns=self.turns + later.turns,
+            set_parent=self.set_parent or later.set_parent,
+            set_chat=self.set_chat or later.set_chat,
+            accessed=max(self.accessed, later.accessed),
+            expires_at=max(self.expires_at, later.expires_at),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,10 +246,13 @@ class WriteBatch:
     upstream_requests: list[tuple[str, str]] = field(default_factory=list)
     responses: list[ResponseRecord] = field(default_factory=list)
     nodes: list[LineageNode] = field(default_factory=list)
+    #: A shared store's session changes (at most one per id), applied after everything else.
+    changes: list[SessionChange] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
             len(self.nodes)
+            + len(self.changes)
             + len(self.sessions)
             + len(self.deleted_sessions)
             + len(self.requests)

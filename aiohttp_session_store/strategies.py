@@ -6,9 +6,10 @@ resolving and advancing a session costs microseconds and never awaits a write in
 durability. A session's reads still see its own writes at once: the cache, then the
 writer's queue, are consulted before the database.
 
-`DirectStrategy` (a store shared by several proxy instances: PostgreSQL) sends every call
-to the database, whose atomic statements keep instances consistent (`message_count + 1`
-in SQL, `INSERT ... ON CONFLICT` creation).
+`DirectStrategy` (a store shared by several proxy instances: PostgreSQL, in sync
+durability) sends every call to the database, whose atomic statements keep instances
+consistent (`message_count + 1` in SQL, `INSERT ... ON CONFLICT` creation). In batched
+durability a shared store uses its subclass in `shared_behind` (turns written behind).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ new items keep queueing up to `max_pending` records and `max_pending_bytes`; pas
 new records are dropped and counted, so a broken disk can neither take the proxy down nor
 exhaust its memory. The error is logged once per burst.
 
+A shared store's session changes (`put_change`) are merged per session and committed with
+the batch by atomic SQL; reads of the instance that made them consult `change_of`.
+
 An optional `observer` (metrics) sees each record as it is handed over and the time each
 commit took; with none set, the cost is one attribute test per call.
 
@@ -34,7 +37,7 @@ from typing import Final, NamedTuple, Protocol, TypeVar, Union
 
 from .backends.base import Backend
 from .errors import StoreWriteError
-from .models import LineageNode, RequestRecord, ResponseRecord, Session, WriteBatch
+from .models import LineageNode, RequestRecord, ResponseRecord, Session, SessionChange, WriteBatch
 from .session_cache import session_bytes
 
 __all__ = ("DELETED", "RecordWriter", "WriteObserver", "record_bytes")
@@ -113,6 +116,9 @@ class RecordWriter:
 
         self._sessions: dict[str, Session | _Deleted] = {}
         self._session_bytes = 0
+        # A shared store's session changes, one merged change per id (see `put_change`).
+        self._changes: dict[str, SessionChange] = {}
+        self._change_bytes = 0
         # Records in the order they were handed over, with their sequence number and size:
         # a batch is a prefix of it, so a request is never committed after its response.
         self._queue: deque[tuple[int, _Item, int]] = deque()
@@ -122,6 +128,7 @@ class RecordWriter:
         self._backlog = False  # items left over by the last batch's byte bound
         # What the current commit holds, so reads still see it while the commit runs.
         self._inflight_sessions: dict[str, Session | _Deleted] = {}
+        self._inflight_changes: dict[str, SessionChange] = {}
         self._inflight_records = 0
         self._inflight_bytes = 0
 
@@ -152,7 +159,7 @@ class RecordWriter:
     @property
     def pending_bytes(self) -> int:
         """Bytes held for records and session changes not yet committed (in-flight included)."""
-        return self._queued_bytes + self._inflight_bytes + self._session_bytes
+        return self._queued_bytes + self._inflight_bytes + self._session_bytes + self._change_bytes
 
     def _drop(self, why: str) -> None:
         self.records_dropped += 1
@@ -201,6 +208,38 @@ class RecordWriter:
             self._session_bytes -= session_bytes(old)
         self._handed_over()
         self._sessions[session_id] = DELETED
+
+    def put_change(self, change: SessionChange) -> bool:
+        """Queue a shared store's session change, merged with the id's pending one.
+
+        False when the queue is full for a new id (the caller then writes the change
+        itself): unlike a record, a turn is never dropped.
+        """
+        session_id = change.session.id
+        old = self._changes.get(session_id)
+        size = session_bytes(change.session)
+        if old is None:
+            if len(self._changes) >= self._max_pending:
+                return False
+            if self.pending_bytes + size > self._max_pending_bytes:
+                return False
+        else:
+            self._change_bytes -= session_bytes(old.session)
+            change = old.then(change)
+        self._handed_over()
+        self._changes[session_id] = change
+        self._change_bytes += size
+        return True
+
+    def change_of(self, session_id: str) -> SessionChange | None:
+        """The newest change of a session not known to be committed (pending or in flight)."""
+        found = self._changes.get(session_id)
+        return found if found is not None else self._inflight_changes.get(session_id)
+
+    def pending_turns(self, session_id: str) -> int:
+        """Turns of a session queued and not yet sent: no row read from the database has them."""
+        found = self._changes.get(session_id)
+        return 0 if found is None else found.turns
 
     def _observe(self, notify: Callable[[_T], None], value: _T) -> None:
         try:
@@ -295,10 +334,14 @@ class RecordWriter:
             sessions=[s for s in self._sessions.values() if isinstance(s, Session)],
             deleted_sessions=[k for k, s in self._sessions.items() if s is DELETED],
         )
+        batch.changes = list(self._changes.values())
         self._inflight_sessions = self._sessions
-        self._inflight_bytes = self._session_bytes
+        self._inflight_changes = self._changes
+        self._inflight_bytes = self._session_bytes + self._change_bytes
         self._sessions = {}
         self._session_bytes = 0
+        self._changes = {}
+        self._change_bytes = 0
         queue, taken, size = self._queue, 0, 0
         while queue and (taken == 0 or size + queue[0][2] <= self._max_batch_bytes):
             _, item, item_size = queue.popleft()
@@ -355,6 +398,7 @@ class RecordWriter:
             if len(batch):
                 await self._commit(batch)
             self._inflight_sessions = {}
+            self._inflight_changes = {}
             self._inflight_records = 0
             self._inflight_bytes = 0
             self._settle(upto)
@@ -408,6 +452,7 @@ class RecordWriter:
             *(WriteBatch(upstream_requests=[u]) for u in batch.upstream_requests),
             *(WriteBatch(responses=[r]) for r in batch.responses),
             *(WriteBatch(nodes=[n]) for n in batch.nodes),
+            *(WriteBatch(changes=[c]) for c in batch.changes),
         ]
         for single in singles:
             try:

@@ -11,6 +11,7 @@ from proxy_apps import FakeClock
 
 from aiohttp_session_store import InvalidSessionIdError, SessionManager, StoreConfig
 from aiohttp_session_store.backends.base import Backend
+from aiohttp_session_store.config import Durability
 
 TIMEOUT = 60.0
 
@@ -535,12 +536,19 @@ async def test_the_configs_clock_is_the_managers_clock(
         assert await m.get_session("s1") is None
 
 
-async def test_a_shared_store_uses_the_direct_strategy(
-    backend_factory: Callable[..., Backend],
+@pytest.mark.parametrize("durability", ["batched", "sync"])
+async def test_the_strategy_follows_the_backend_and_durability(
+    backend_factory: Callable[..., Backend], durability: Durability
 ) -> None:
+    from aiohttp_session_store.shared_behind import SharedBehindStrategy
     from aiohttp_session_store.strategies import DirectStrategy, WriteBehindStrategy
 
-    m = SessionManager(backend_factory())
-    expected = DirectStrategy if m.backend.shared else WriteBehindStrategy
+    m = SessionManager(backend_factory(), config=StoreConfig(durability=durability))
+    if not m.backend.shared:
+        expected: type = WriteBehindStrategy
+    elif durability == "sync":
+        expected = DirectStrategy  # every change awaited, as before
+    else:
+        expected = SharedBehindStrategy  # one awaited statement per call
     assert type(m.strategy) is expected
     assert (m.cache is None) == m.backend.shared

@@ -45,11 +45,12 @@ def shared_dsn(pg_schema: str) -> str:
     return f"{PG_DSN}?search_path={pg_schema}"
 
 
-def start_instance(dsn: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_instance(dsn: str, durability: str = "batched") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["--db", dsn, "--port", str(port), "--delay", "0", "--durability", durability]
     proc = subprocess.Popen(
-        [sys.executable, str(SERVE), "--db", dsn, "--port", str(port), "--delay", "0"],
+        [sys.executable, str(SERVE), *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -72,14 +73,16 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, proc: Any) -> N
     raise AssertionError(f"instance at {url} never became healthy")
 
 
-@pytest.fixture
-async def two_instances(shared_dsn: str) -> AsyncIterator[tuple[str, str, str]]:
-    procs = [start_instance(shared_dsn) for _ in range(2)]
+@pytest.fixture(params=["batched", "sync"])
+async def two_instances(
+    shared_dsn: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[str, str, str, str]]:
+    procs = [start_instance(shared_dsn, request.param) for _ in range(2)]
     try:
         async with aiohttp.ClientSession() as session:
             for proc, url in procs:
                 await wait_healthy(session, url, proc)
-        yield procs[0][1], procs[1][1], shared_dsn
+        yield procs[0][1], procs[1][1], shared_dsn, request.param
     finally:
         for proc, _ in procs:
             proc.terminate()
@@ -113,23 +116,42 @@ async def fetch_rows(dsn: str, sql: str) -> list[Any]:
         await conn.close()
 
 
+async def committed_turns(dsn: str, turns: int) -> int:
+    """The session's committed message_count once it reaches `turns` (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        rows = await fetch_rows(dsn, "SELECT message_count FROM sessions")
+        count = int(rows[0]["message_count"]) if rows else 0
+        if count >= turns or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.005)
+
+
 async def test_alternating_turns_keep_one_session_and_an_unbroken_chain(
-    two_instances: tuple[str, str, str],
+    two_instances: tuple[str, str, str, str],
 ) -> None:
-    a, b, dsn = two_instances
+    a, b, dsn, durability = two_instances
     async with aiohttp.ClientSession() as http:
-        for turn in range(1, 7):
-            url = a if turn % 2 else b  # A, B, A, B, ...
+        # Two turns in a row on one instance, then the other: A, A, B, B, A, B.
+        previous = a
+        for turn, url in enumerate([a, a, b, b, a, b], 1):
+            if durability == "batched" and url != previous:
+                # Batched: the other instance's turn is committed behind, within
+                # flush_interval; sync: it was committed before its answer went out.
+                assert await committed_turns(dsn, turn - 1) == turn - 1
+            previous = url
             async with http.post(
                 f"{url}/v1/chat/completions", json=chat("Hello from two instances", turn)
             ) as resp:
                 assert resp.status == 200
                 seen = await resp.json()
-            # Each instance sees the turn the other one served just before.
+            # Each instance sees the turn served just before: its own at once (still
+            # uncommitted in batched mode), the other one's once committed.
             assert seen["is_new"] is (turn == 1)
             assert seen["message_count"] == turn - 1
             assert seen["parent_id"] == (None if turn == 1 else f"parent-{turn - 1}")
 
+    assert await committed_turns(dsn, 6) == 6
     (row,) = await fetch_rows(dsn, "SELECT id, parent_id, message_count FROM sessions")
     assert (row["parent_id"], row["message_count"]) == ("parent-6", 6)
     # Both instances flushed on SIGTERM (fixture teardown) - but the records of answered
@@ -144,9 +166,9 @@ async def test_alternating_turns_keep_one_session_and_an_unbroken_chain(
 
 
 async def test_concurrent_first_requests_across_instances_create_one_row(
-    two_instances: tuple[str, str, str],
+    two_instances: tuple[str, str, str, str],
 ) -> None:
-    a, b, dsn = two_instances
+    a, b, dsn, _ = two_instances
     body = chat("Everyone opens with the same words", 1)
     async with aiohttp.ClientSession() as http:
 
@@ -159,5 +181,5 @@ async def test_concurrent_first_requests_across_instances_create_one_row(
         results = await asyncio.gather(*(call(a if i % 2 else b) for i in range(50)))
     assert len({r["session_id"] for r in results}) == 1
     assert sum(r["is_new"] for r in results) == 1
-    (row,) = await fetch_rows(dsn, "SELECT message_count FROM sessions")
-    assert row["message_count"] == 50  # every turn counted, none lost between instances
+    # Every turn counted, none lost between instances (batched: once committed).
+    assert await committed_turns(dsn, 50) == 50

@@ -88,12 +88,15 @@ class Backend(abc.ABC):
     async def touch_session(self, session_id: str, *, now: int, expires_at: int) -> Session | None:
         """Slide the expiry of a row not expired at `now`; None if missing or expired."""
 
-    async def resolve_session(self, fresh: Session) -> tuple[Session, bool]:
+    async def resolve_session(
+        self, fresh: Session, *, synchronous: bool = True
+    ) -> tuple[Session, bool]:
         """The live row of `fresh.id` slid to `fresh`'s times, else `fresh` stored (`is_new`).
 
         Returns (session, replaced): `replaced` is True when an expired row made way for
         `fresh` (counted as cleaned). A backend may do this in one statement; this default
-        is the touch / delete-if-expired / insert sequence.
+        is the touch / delete-if-expired / insert sequence. `synchronous=False` lets a
+        server acknowledge it before its commit is on disk (batched durability).
         """
         now = fresh.last_accessed
         live = await self.touch_session(fresh.id, now=now, expires_at=fresh.expires_at)
@@ -148,7 +151,7 @@ class Backend(abc.ABC):
 
         Replaying a batch that was committed before is harmless (records are keyed by their
         ids, session snapshots are upserts), so a batch whose commit outcome is unknown can
-        be retried.
+        be retried; only a shared store's `changes` (increments) then count a turn twice.
         """
 
     @abc.abstractmethod

@@ -53,6 +53,8 @@ class Dialect:
     #: order for every instance means two batches cannot deadlock. SQLite (one writer at a
     #: time) keeps the batch's order instead, the creation order its rowids record.
     sorted_snapshots: bool
+    #: The function giving the largest of its (non-NULL) arguments.
+    greatest: str
     #: (table names) of the tables in the target (the file, or the schema in search_path).
     tables_sql: str
     #: The column of `search_docs` holding the request's `id` (migration 4).
@@ -102,6 +104,7 @@ SQLITE: Final = Dialect(
     list_param=lambda values: json.dumps(list(values)),
     encode=storable,
     sorted_snapshots=False,
+    greatest="max",
     tables_sql="SELECT name FROM sqlite_master WHERE type = 'table'"
     " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
     search_key="rowid",
@@ -123,6 +126,7 @@ POSTGRES: Final = Dialect(
     list_param=lambda values: [_pg_text(v) for v in values],
     encode=_pg_text,
     sorted_snapshots=True,
+    greatest="GREATEST",
     # current_schema(): the first schema of search_path, the one every query resolves to.
     tables_sql="SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
     search_key="id",

@@ -7,6 +7,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any, ClassVar, Final, TypeVar
 
 # asyncpg ships no type information; the `unused-ignore` keeps this line clean once the
@@ -15,7 +16,7 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import DatabaseNotFoundError, StoreError, StoreUnavailableError
 from ..migrations import MIGRATIONS, Migration
-from ..models import Session
+from ..models import Session, WriteBatch
 from .codecs import SESSIONS
 from .core import Conn, Row
 from .dialect import POSTGRES, Dialect
@@ -72,7 +73,7 @@ _SESSION_TYPES: Final = {
 }
 
 
-def _resolve_sql() -> str:
+def _resolve_sql(synchronous: bool) -> str:
     """Slide a live session or store a fresh one: one statement, one round trip.
 
     `slid` slides a live row (as `touch_session`); only when it found none does `made`
@@ -80,6 +81,12 @@ def _resolve_sql() -> str:
     another instance inserted after this statement's snapshot makes both return nothing:
     the caller runs it again, and then slides that row. So `is_new` is exact: true only for
     the statement that wrote the row. `xmax` is 0 on a plain insert, set on a replacement.
+
+    Not `synchronous`: a last branch that returns no row sets `synchronous_commit` off for
+    this statement's own (implicit) transaction, which commits right after it, so the
+    reply does not wait for the WAL flush. A server crash can then lose the last slides
+    and creations it acknowledged (as a proxy crash loses the writer's queue), never leave
+    a row half-written: the WAL still orders every commit.
     """
     cols = SESSIONS.columns
     at = {c: f"${i}" for i, c in enumerate(cols, 1)}
@@ -87,7 +94,7 @@ def _resolve_sql() -> str:
     typed = ", ".join(f"{at[c]}::{_SESSION_TYPES.get(c, 'text')}" for c in cols)
     excluded = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
     now, expires, key = at["last_accessed"], at["expires_at"], at["id"]
-    return (
+    sql = (
         f"WITH slid AS (UPDATE sessions SET last_accessed = {now}, expires_at = {expires}"
         f" WHERE id = {key} AND expires_at > {now} RETURNING {names}),"
         f" made AS (INSERT INTO sessions ({names}) SELECT {typed}"
@@ -98,9 +105,16 @@ def _resolve_sql() -> str:
         f" SELECT {names}, false, false FROM slid"
         f" UNION ALL SELECT {names}, true, replaced FROM made"
     )
+    if not synchronous:
+        nulls = ", ".join(f"NULL::{_SESSION_TYPES.get(c, 'text')}" for c in cols)
+        sql += (
+            f" UNION ALL SELECT {nulls}, false, false"
+            " WHERE set_config('synchronous_commit', 'off', true) IS NULL"
+        )
+    return sql
 
 
-_RESOLVE_SQL: Final = _resolve_sql()
+_RESOLVE_SQL: Final = {flag: _resolve_sql(flag) for flag in (True, False)}
 
 
 async def _no_reset(conn: Any) -> None:
@@ -321,12 +335,15 @@ class PostgresBackend(SQLBackend):
                 if not retry or outages >= 2:
                     raise StoreUnavailableError(f"PostgreSQL is unavailable: {exc}") from exc
 
-    async def resolve_session(self, fresh: Session) -> tuple[Session, bool]:
+    async def resolve_session(
+        self, fresh: Session, *, synchronous: bool = True
+    ) -> tuple[Session, bool]:
         args = SESSIONS.args(fresh, self.dialect.encode)
         width = len(SESSIONS.columns)
+        sql = _RESOLVE_SQL[synchronous]
 
         async def resolve(conn: Conn) -> tuple[Session, bool] | None:
-            rows = await conn.fetch(_RESOLVE_SQL, args)
+            rows = await conn.fetch(sql, args)
             if not rows:
                 return None
             row = rows[0]
@@ -339,6 +356,28 @@ class PostgresBackend(SQLBackend):
             if stored is not None:
                 return stored
         raise StoreError(f"session {fresh.id!r} kept changing while being resolved")
+
+    async def write_batch(self, batch: WriteBatch) -> None:
+        """The session changes first, in a transaction of their own, then everything else.
+
+        The changes lock session rows that other instances' resolves wait for: committed
+        without waiting for the WAL flush (as the slides they extend), those locks are held
+        for a round trip, not for the records' synchronous commit.
+        """
+        if not batch.changes:
+            await super().write_batch(batch)
+            return
+        changes = sorted(batch.changes, key=lambda c: c.session.id)  # see batch_steps
+        rows = [self._change_args(c) for c in changes]
+        sql = self._q.apply_change
+
+        async def apply(conn: Conn) -> None:
+            await conn.execute("BEGIN; SET LOCAL synchronous_commit TO off")
+            await conn.executemany(sql, rows)
+            await conn.execute("COMMIT")
+
+        await self._run(apply, write=True, retry=True, transaction=False)
+        await super().write_batch(replace(batch, changes=[]))
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

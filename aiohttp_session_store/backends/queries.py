@@ -23,6 +23,7 @@ class Queries:
     upsert_session: str
     touch_session: str
     advance_session: str
+    apply_change: str
     set_chat_id: str
     delete_session: str
     delete_session_if_expired: str
@@ -101,6 +102,17 @@ def queries_for(d: Dialect) -> Queries:
         advance_session=d.sql(
             "UPDATE sessions SET parent_id = {}, last_accessed = {}, expires_at = {},"
             " message_count = message_count + 1 WHERE id = {} AND expires_at > {}"
+        ),
+        # A shared store's change written behind (`SessionChange`): atomic like the above,
+        # times never moved back, and only on the row it was made on (`created_at`): a row
+        # that expired and was replaced since is another session.
+        apply_change=d.sql(
+            "UPDATE sessions SET parent_id = CASE WHEN {} = 1 THEN {} ELSE parent_id END,"
+            " chat_id = CASE WHEN {} = 1 THEN {} ELSE chat_id END,"
+            " message_count = message_count + {},"
+            f" last_accessed = {d.greatest}(last_accessed, {{}}),"
+            f" expires_at = {d.greatest}(expires_at, {{}})"
+            " WHERE id = {} AND created_at = {}"
         ),
         set_chat_id=d.sql(
             "UPDATE sessions SET chat_id = {}, last_accessed = {} WHERE id = {} AND expires_at > {}"

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from typing import Final, Literal, TypeAlias
 
 from ..migrations import RESPONSE_MODEL_VERSION
-from ..models import Exchange, LineageNode, RequestQuery, ResponseFact, WriteBatch
+from ..models import (
+    Exchange,
+    LineageNode,
+    RequestQuery,
+    ResponseFact,
+    SessionChange,
+    WriteBatch,
+)
 from ..stats import StatsReport, report_from_rows
 from .codecs import LINEAGE, REQUESTS, RESPONSES, SESSIONS
 from .columns import ORPHAN_GRACE_MS
@@ -124,7 +131,26 @@ class SQLBackend(SQLCore):
                 steps.append(("many", search_docs_for(self.dialect).set_reply, later))
         if batch.nodes:
             steps.append(("rows", q.insert_lineage, [LINEAGE.args(n, encode) for n in batch.nodes]))
+        if batch.changes:
+            # Last, so the row locks are held only until the commit right after; in id
+            # order, so two instances' batches cannot deadlock.
+            changes = sorted(batch.changes, key=lambda c: c.session.id)
+            steps.append(("many", q.apply_change, [self._change_args(c) for c in changes]))
         return steps
+
+    def _change_args(self, change: SessionChange) -> list[object]:
+        s = change.session
+        return self._args(
+            int(change.set_parent),
+            s.parent_id,
+            int(change.set_chat),
+            s.chat_id,
+            change.turns,
+            change.accessed,
+            change.expires_at,
+            s.id,
+            s.created_at,
+        )
 
     async def write_batch(self, batch: WriteBatch) -> None:
         if not len(batch):
@@ -141,6 +167,8 @@ class SQLBackend(SQLCore):
                     await conn.execute(sql, rows[0])
 
         # Replaying a batch is harmless (keyed records, upserted snapshots): safe to retry.
+        # Session changes are increments: a replay after a commit whose reply was lost
+        # counts their turns twice (never loses one); a rolled-back batch is simply redone.
         await self._run(write, write=True, retry=True)
 
     async def delete_records_before(self, cutoff: int, limit: int) -> int:
