@@ -92,6 +92,8 @@ class SessionManager:
             max_pending_bytes=cfg.max_pending_bytes,
             max_batch_bytes=cfg.max_batch_bytes,
             close_timeout=cfg.shutdown_timeout,
+            # Other instances learn a turn from its commit: don't let it linger.
+            prompt_turns=self.backend.shared,
         )
         #: Which upstream node a resent history continues (see `lineage`).
         self.lineage = LineageIndex(self.backend, self.writer, max_bytes=cfg.lineage_cache_bytes)

@@ -13,7 +13,9 @@ new records are dropped and counted, so a broken disk can neither take the proxy
 exhaust its memory. The error is logged once per burst.
 
 A shared store's session changes (`put_change`) are merged per session and committed with
-the batch by atomic SQL; reads of the instance that made them consult `change_of`.
+the batch by atomic SQL; reads of the instance that made them consult `change_of`. With
+`prompt_turns` (a shared store) a turn, its change or its lineage node, is committed at
+once instead of lingering: another instance learns of a turn only from its commit.
 
 An optional `observer` (metrics) sees each record as it is handed over and the time each
 commit took; with none set, the cost is one attribute test per call.
@@ -103,8 +105,11 @@ class RecordWriter:
         max_batch_bytes: int = 2 * 1024 * 1024,
         close_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        prompt_turns: bool = False,
     ) -> None:
         self._backend = backend
+        self._prompt_turns = prompt_turns
+        self._prompt = False  # a turn is waiting: commit without lingering
         # Half the interval spent gathering leaves the other half for the commit itself,
         # so a record is committed within `flush_interval` of being handed over.
         self._linger = flush_interval / 2
@@ -229,7 +234,13 @@ class RecordWriter:
         self._handed_over()
         self._changes[session_id] = change
         self._change_bytes += size
+        self._turn_handed_over()
         return True
+
+    def _turn_handed_over(self) -> None:
+        if self._prompt_turns:
+            self._prompt = True
+            self._urgent.set()  # ends a linger already under way
 
     def change_of(self, session_id: str) -> SessionChange | None:
         """The newest change of a session not known to be committed (pending or in flight)."""
@@ -269,7 +280,10 @@ class RecordWriter:
 
     def put_node(self, node: LineageNode) -> bool:
         """Queue a lineage node (committed with, or after, the records handed over before it)."""
-        return self._enqueue(node, _RECORD_OVERHEAD + len(node.hash) * 4)
+        if not self._enqueue(node, _RECORD_OVERHEAD + len(node.hash) * 4):
+            return False
+        self._turn_handed_over()
+        return True
 
     def lookup(self, session_id: str) -> Session | _Deleted | None:
         """The newest uncommitted state of a session: a snapshot, DELETED, or None."""
@@ -335,6 +349,7 @@ class RecordWriter:
             deleted_sessions=[k for k, s in self._sessions.items() if s is DELETED],
         )
         batch.changes = list(self._changes.values())
+        self._prompt = False
         self._inflight_sessions = self._sessions
         self._inflight_changes = self._changes
         self._inflight_bytes = self._session_bytes + self._change_bytes
@@ -389,7 +404,7 @@ class RecordWriter:
             # Linger so that one commit carries many calls, but only until the oldest
             # waiting item is `linger` old: time it spent behind the last commit counts.
             linger = self._oldest + self._linger - self._clock()
-            if linger > 0 and not self._backlog and not self._urgent.is_set():
+            if linger > 0 and not (self._backlog or self._prompt or self._urgent.is_set()):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._urgent.wait(), linger)
             self._wakeup.clear()

@@ -13,6 +13,7 @@ import pytest
 
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
 from aiohttp_session_store.models import (
+    LineageNode,
     RequestQuery,
     RequestRecord,
     ResponseRecord,
@@ -29,12 +30,14 @@ class FlakyBackend(SQLiteBackend):
         super().__init__(path)
         self.failing = False
         self.batches: list[int] = []
+        self.committed = asyncio.Event()
 
     async def write_batch(self, batch: WriteBatch) -> None:
         if self.failing:
             raise OSError("disk I/O error (simulated)")
         self.batches.append(len(batch))
         await super().write_batch(batch)
+        self.committed.set()
 
 
 @pytest.fixture
@@ -96,6 +99,28 @@ async def test_put_does_not_write_until_the_writer_commits(backend: FlakyBackend
         assert backend.batches == []  # still lingering: batched, not per call
         await writer.flush()
         assert await stored(backend) == 1
+    finally:
+        await writer.close()
+
+
+@pytest.mark.parametrize("during_a_linger", [False, True])
+async def test_a_turn_is_committed_at_once_with_prompt_turns(
+    backend: FlakyBackend, during_a_linger: bool
+) -> None:
+    # A shared store's writer: an hour's flush interval, yet a lineage node (a turn other
+    # instances must see) is committed at once, with the record waiting before it.
+    writer = RecordWriter(backend, flush_interval=3600.0, prompt_turns=True)
+    writer.start()
+    try:
+        writer.put_request(request_record())
+        if during_a_linger:
+            await asyncio.sleep(0.01)
+            assert backend.batches == []  # the record alone lingers
+        node = LineageNode("h" * 64, "", "s1", "chat-1", "n1", None, 1, None, 1)
+        assert writer.put_node(node)
+        await asyncio.wait_for(backend.committed.wait(), 5)
+        assert backend.batches == [2]
+        assert [n.hash for n in await backend.get_lineage_nodes([node.hash])] == [node.hash]
     finally:
         await writer.close()
 
