@@ -188,11 +188,13 @@ def _callgrind(batches_file: Path, schema: int, variant: dict[str, object], work
     return float(total)
 
 
-def measure(kind: str, calls: int, reps: int, schema: int, *, callgrind: bool) -> dict[str, float]:
+def measure(
+    kind: str, calls: int, reps: int, schema: int, *, callgrind: bool, only: str = ""
+) -> dict[str, float]:
     """Per variant: CPU µs per call (median of `reps`), or instructions per call (callgrind)."""
     batches = capture_batches(kind, calls)
     n = sum(len(b.requests) for b in batches)
-    chosen = variants(schema)
+    chosen = {k: v for k, v in variants(schema).items() if k == "full schema" or only in k}
     samples: dict[str, list[float]] = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory(prefix="bench-indexes-") as tmp:
         work = Path(tmp)
@@ -215,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--schema", type=int, default=len(MIGRATIONS), help="schema version")
     p.add_argument("--callgrind", action="store_true", help="instructions per call instead")
+    p.add_argument("--only", default="", help="only the variants whose name contains this")
     p.add_argument("--inner", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.inner:
         _inner(args.inner)
         return 0
     results = {
-        k: measure(k, args.calls, args.reps, args.schema, callgrind=args.callgrind)
+        k: measure(k, args.calls, args.reps, args.schema, callgrind=args.callgrind, only=args.only)
         for k in ("json", "sse")
     }
     unit = "instructions" if args.callgrind else "CPU µs"
