@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = (
+    "LEAN_INDEXES_VERSION",
     "MIGRATIONS",
     "RESPONSE_MODEL_VERSION",
     "SCHEMA_VERSION_KEY",
@@ -251,6 +252,34 @@ _RESPONSE_MODEL_INDEXES: Final = (
     "CREATE INDEX idx_responses_model_first_byte ON responses (model, first_byte_ms)",
 )
 
+#: The migration that drops the indexes no query needs.
+LEAN_INDEXES_VERSION: Final = 7
+
+# Every secondary index is work for the writer on every call (benchmarks/bench_indexes.py
+# replays the writer's real batches under callgrind, one index dropped at a time): each costs
+# it 0.2-2.5 % of its instructions. These two serve no query the package sends, so they go:
+_LEAN_INDEXES: Final = (
+    # No statement looks a session up by its upstream chat (set_chat_id finds it by id); an
+    # operator's ad hoc `WHERE chat_id = ...` scans one row per conversation instead.
+    # 0.7 % (JSON) / 1.1 % (SSE) of the writer's instructions per call.
+    "DROP INDEX idx_sessions_chat_id",
+    # Statistics filter on the request (its time, session, model), not the response's time,
+    # and group by model through the migration-6 indexes. The one ordered read
+    # (response_facts, the viewer's filtered sessions) walked every response in its order
+    # even for a short `since`; without it that is a range of idx_requests_timestamp and
+    # only the rows matched are sorted. On 100k calls: the last 1,000 calls 203 -> 4.8 ms,
+    # one model of three 289 -> 177 ms, all calls 356 -> 406 ms (a sort instead of an
+    # index walk). 0.4 % / 0.6 % of the writer's instructions.
+    "DROP INDEX idx_responses_timestamp",
+)
+# Kept, each because a tool needs it: expires_at (sweeps), created_at (listings),
+# requests (session, timestamp) and timestamp (transcripts, --since, retention, export
+# pages), responses request_id (every exchange join, retention), responses session_id
+# (sessions_view's `turns`, a correlated count per session: without it the view is quadratic),
+# the migration-6 stats indexes (stats on 1M calls under 1 s), lineage session_id and
+# created_at (tree, retention). The foreign key stays too: 0.4 % of the writer's instructions
+# on SQLite, and it keeps retention from deleting a request before its response.
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "initial schema", _INITIAL["sqlite"], _INITIAL["postgres"]),
     Migration(
@@ -274,6 +303,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         _RESPONSE_MODEL + _RESPONSE_MODEL_INDEXES,
         _RESPONSE_MODEL,
     ),
+    Migration(LEAN_INDEXES_VERSION, "drop indexes no query uses", _LEAN_INDEXES, _LEAN_INDEXES),
 )
 
 

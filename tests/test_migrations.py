@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_backends import T0, make_request, make_response, make_session
 
 from aiohttp_session_store.backends.base import Backend
 from aiohttp_session_store.backends.sqlite import SQLiteBackend
@@ -29,7 +30,7 @@ from aiohttp_session_store.migrations import (
     Migration,
     latest_version,
 )
-from aiohttp_session_store.models import RequestQuery, Session, SessionQuery
+from aiohttp_session_store.models import RequestQuery, Session, SessionQuery, WriteBatch
 
 LATEST = latest_version()
 INITIAL = MIGRATIONS[0]
@@ -63,6 +64,47 @@ async def test_concurrent_first_opens_migrate_once(
     finally:
         for b in backends:
             await b.close()
+
+
+async def _index_names(backend: Backend, kind: str) -> set[str]:
+    sql = (
+        "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        if kind == "postgres"
+        else "SELECT name FROM sqlite_master WHERE type = 'index'"
+    )
+    return {str(row[0]) for row in await backend._read(sql)}  # type: ignore[attr-defined]
+
+
+async def test_migration_7_drops_the_unused_indexes_and_keeps_the_data(
+    backend_kind: str, backend_factory: Callable[..., Backend]
+) -> None:
+    old = backend_factory(migrations=tuple(m for m in MIGRATIONS if m.version < 7))
+    await old.open()
+    try:
+        assert await old.schema_version() == 6
+        before = await _index_names(old, backend_kind)
+        assert {"idx_sessions_chat_id", "idx_responses_timestamp"} <= before
+        await old.insert_session(make_session("kept"))
+        await old.write_batch(
+            WriteBatch(requests=[make_request("r1", session_id="kept")],
+                       responses=[make_response("r1", session_id="kept")])
+        )  # fmt: skip
+    finally:
+        await old.close()
+    new = backend_factory()
+    await new.open()
+    try:
+        assert await new.schema_version() == LATEST
+        assert await new.get_session("kept") == make_session("kept")
+        [exchange] = await new.list_exchanges(RequestQuery(session_id="kept"))
+        assert exchange.response == make_response("r1", session_id="kept")
+        # What response_facts reads (the viewer's filters) still finds the call.
+        facts = await new.response_facts(RequestQuery(since=T0, model="qwen-max"))
+        assert [f.session_id for f in facts] == ["kept"]
+        after = await _index_names(new, backend_kind)
+        assert after == before - {"idx_sessions_chat_id", "idx_responses_timestamp"}
+    finally:
+        await new.close()
 
 
 # -- SQLite: helpers ---------------------------------------------------------------------
@@ -235,7 +277,6 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, int, int]]] = {
 EXPECTED_INDEXES: set[tuple[str, tuple[str, ...], int, str]] = {
     ("sessions", ("id",), 1, "pk"),
     ("sessions", ("expires_at",), 0, "c"),
-    ("sessions", ("chat_id",), 0, "c"),
     ("sessions", ("created_at",), 0, "c"),
     ("requests", ("request_id",), 1, "u"),
     ("requests", ("session_id", "timestamp"), 0, "c"),
@@ -243,7 +284,6 @@ EXPECTED_INDEXES: set[tuple[str, tuple[str, ...], int, str]] = {
     ("responses", ("response_id",), 1, "u"),
     ("responses", ("request_id",), 0, "c"),
     ("responses", ("session_id",), 0, "c"),
-    ("responses", ("timestamp",), 0, "c"),
     (
         "responses",
         ("model", "outcome", "duration_ms", "prompt_tokens", "completion_tokens", "total_tokens"),
@@ -258,13 +298,11 @@ EXPECTED_INDEXES: set[tuple[str, tuple[str, ...], int, str]] = {
 }
 EXPECTED_INDEX_NAMES = {
     "idx_sessions_expires_at",
-    "idx_sessions_chat_id",
     "idx_sessions_created_at",
     "idx_requests_session_id",
     "idx_requests_timestamp",
     "idx_responses_request_id",
     "idx_responses_session_id",
-    "idx_responses_timestamp",
     "idx_responses_model_stats",
     "idx_responses_model_first_byte",
     "idx_lineage_session_id",
@@ -683,3 +721,30 @@ async def test_an_empty_file_is_not_foreign(db_path: Path) -> None:
         assert await b.schema_version() == LATEST
     finally:
         await b.close()
+
+
+async def test_queries_touching_the_dropped_indexes_stay_indexed(db_path: Path) -> None:
+    """EXPLAIN QUERY PLAN at the latest schema: response_facts filtered by time or session
+    reads a range of requests (not every response), retention and `turns` use theirs."""
+    from aiohttp_session_store.backends.dialect import SQLITE
+    from aiohttp_session_store.backends.queries import queries_for
+
+    b = SQLiteBackend(db_path)
+    await b.open()
+    await b.close()
+    q = queries_for(SQLITE)
+
+    def plan(sql: str, params: tuple[object, ...]) -> str:
+        return " | ".join(
+            str(row[3]) for row in query(db_path, "EXPLAIN QUERY PLAN " + sql, params)
+        )
+
+    facts = q.fact_select + " WHERE q.timestamp >= ? ORDER BY r.timestamp, r.id"
+    assert "SEARCH q USING INDEX idx_requests_timestamp (timestamp>?)" in plan(facts, (T0,))
+    facts = q.fact_select + " WHERE q.session_id = ? ORDER BY r.timestamp, r.id"
+    assert "USING INDEX idx_requests_session_id (session_id=?)" in plan(facts, ("s",))
+    assert "idx_responses_request_id (request_id=?)" in plan(facts, ("s",))
+    old = plan(q.old_request_ids, (T0, T0, 10))
+    assert "idx_requests_timestamp (timestamp<?)" in old
+    turns = plan("SELECT turns FROM sessions_view WHERE id = ?", ("s",))
+    assert "idx_responses_session_id (session_id=?)" in turns
