@@ -9,7 +9,8 @@ the store never lose a turn.
 This instance's own reads see its changes at once: a read applies the change the writer
 still holds for the session (pending or in flight) to the row it got. Another instance
 sees them once they are committed: the writer commits a turn as soon as it is handed
-over (`prompt_turns`), so the window is a commit or two (the README states it). `durability="sync"` keeps `DirectStrategy` (every change awaited) instead.
+over (`prompt_turns`), so the window is a commit or two (the README states it).
+`durability="sync"` keeps `DirectStrategy` (every change awaited) instead.
 
 To advance without a query, the instance needs the session it knows to be live (and
 which row that is: its `created_at`). It keeps the sessions it resolved last, bounded by
