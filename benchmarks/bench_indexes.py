@@ -37,7 +37,8 @@ import bench_callgrind
 from aiohttp import web
 from bench_workload import conversation_bodies
 
-from aiohttp_session_store.backends.sqlite import SQLiteBackend, _run_rows_now
+from aiohttp_session_store.backends.sqlite import SQLiteBackend
+from aiohttp_session_store.backends.sqlite_thread import run_rows
 from aiohttp_session_store.migrations import MIGRATIONS
 from aiohttp_session_store.models import WriteBatch
 
@@ -112,7 +113,7 @@ def _write_now(backend: SQLiteBackend, con: sqlite3.Connection, batch: WriteBatc
     con.execute("BEGIN IMMEDIATE")
     for kind, sql, rows in backend.batch_steps(batch):
         if kind == "rows":
-            _run_rows_now(con, sql, rows)
+            run_rows(con, sql, rows)
         elif kind == "many":
             con.executemany(sql, rows)
         else:
