@@ -160,32 +160,49 @@ async def backend(backend_factory: Callable[..., Backend]) -> AsyncIterator[Back
 
 
 @contextlib.asynccontextmanager
-async def loop_in_debug_mode() -> AsyncIterator[None]:
-    """The running loop in asyncio debug mode; AssertionError on leaving if it reported.
+async def loop_in_debug_mode(reports: list[str], label: str = "") -> AsyncIterator[None]:
+    """The running loop in asyncio debug mode; what it reports is appended to `reports`.
 
     Debug mode reports coroutines never awaited (their origin tracked), tasks destroyed
     while pending and exceptions never retrieved through the loop's exception handler, and
-    raises on a call into the loop from another thread.
+    raises on a call into the loop from another thread. The handler stays on the loop: a
+    task destroyed while pending is only reported when the garbage collector finds it,
+    which may be after the test.
     """
     loop = asyncio.get_running_loop()
-    reported: list[dict[str, object]] = []
-    previous = loop.get_exception_handler()
     loop.set_debug(True)
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    loop.set_exception_handler(
+        lambda _loop, context: reports.append(f"{label}{context.get('message')}")
+    )
     try:
         yield
-        # Pending tasks and unretrieved exceptions are reported when collected.
-        gc.collect()
     finally:
-        loop.set_exception_handler(previous)
         loop.set_debug(False)
-    assert not reported, [context.get("message") for context in reported]
+
+
+@pytest.fixture(scope="module")
+def debug_reports() -> Iterator[list[str]]:
+    """What debug mode reported in a module's tests; checked after one collection at its
+    end (one `gc.collect()` per test cost more than debug mode itself)."""
+    reports: list[str] = []
+    yield reports
+    gc.collect()
+    assert not reports, reports
 
 
 @pytest.fixture
-async def debug_loop() -> AsyncIterator[None]:
-    """The test in `loop_in_debug_mode`: the middleware and capture suites use it
-    (`pytestmark`), as aiohttp-sse runs its tests with the loop in debug mode: the same
-    tests in the same run, not a second run of whole files in a subprocess."""
-    async with loop_in_debug_mode():
+async def debug_loop(
+    debug_reports: list[str], request: pytest.FixtureRequest
+) -> AsyncIterator[None]:
+    """The test with its loop in debug mode, failing on anything reported while it ran.
+
+    The middleware and capture suites use it (`pytestmark`), as aiohttp-sse runs its tests
+    with the loop in debug mode: the same tests in the same run, not a second run of whole
+    files in a subprocess.
+    """
+    before = len(debug_reports)
+    async with loop_in_debug_mode(debug_reports, f"{request.node.nodeid}: "):
         yield
+    reported = debug_reports[before:]
+    del debug_reports[before:]
+    assert not reported, reported
