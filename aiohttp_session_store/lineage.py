@@ -22,6 +22,7 @@ credential (see `scope_digest`), so two callers never share a node.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import importlib
@@ -71,6 +72,10 @@ def _canonical_bytes(kept: dict[str, Any]) -> bytes:
     return _dumps(kept).encode("utf-8", "surrogatepass")
 
 
+# Every call asks for its caller's scope and the root of its chain: the same few callers,
+# remembered (a digest each) rather than hashed again per call. The credentials it keys
+# on stay in this process's memory only, as the requests that carry them do.
+@functools.lru_cache(maxsize=1024)
 def scope_digest(credential: str, key: bytes | None = None) -> str:
     """The scope of a caller: SHA-256 of the credential (HMAC-SHA-256 under `key` if given).
 
@@ -140,6 +145,7 @@ def canonical(message: object) -> bytes | None:
     return _canonical_bytes(kept)
 
 
+@functools.lru_cache(maxsize=1024)
 def root(scope: str) -> bytes:
     """h0: the digest every chain of `scope` starts from."""
     return hashlib.sha256(_ROOT_PREFIX + scope.encode("utf-8", "surrogatepass")).digest()

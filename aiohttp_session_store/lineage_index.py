@@ -9,7 +9,6 @@ the next turn of a conversation finds its parent before the commit.
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final
@@ -17,6 +16,7 @@ from typing import Any, Final
 from .backends.base import Backend
 from .lineage import chain_hashes, extend, reply_message, root
 from .models import LineageNode, Session
+from .session_cache import str_bytes
 from .turn import Turn
 from .writer import RecordWriter
 
@@ -28,14 +28,16 @@ _NODE_OVERHEAD: Final = 400
 
 def node_bytes(node: LineageNode) -> int:
     """An upper estimate of the memory one cached node holds."""
-    size = _NODE_OVERHEAD
-    for value in (node.hash, node.scope, node.session_id, node.chat_id, node.node_id):
-        if value is not None:
-            size += sys.getsizeof(value)
-    for value in (node.response_id, node.parent_hash):
-        if value is not None:
-            size += sys.getsizeof(value)
-    return size
+    values = (
+        node.hash,
+        node.scope,
+        node.session_id,
+        node.chat_id,
+        node.node_id,
+        node.response_id,
+        node.parent_hash,
+    )
+    return _NODE_OVERHEAD + sum([str_bytes(v) for v in values if v is not None])
 
 
 class LineageIndex:
