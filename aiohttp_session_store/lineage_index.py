@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from .backends.base import Backend
 from .lineage import ChainLinks, reply_message, root
-from .models import LineageNode, Session
+from .models import LineageNode, Session, new_lineage_node
 from .session_cache import str_bytes
 from .turn import Turn
 from .writer import RecordWriter
@@ -179,7 +179,7 @@ class LineageIndex:
             return None
         session = turn.session
         chat_id = turn.reply_chat_id or turn.chat_id or (session.chat_id if session else None)
-        node = LineageNode(
+        node = new_lineage_node(
             hash=digest.hex(),
             scope=turn.scope,
             session_id=session.id if session is not None else None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from .backends.base import Backend
-from .models import Session
+from .models import Session, new_session
 from .session_cache import SessionCache
 from .writer import DELETED, RecordWriter
 
@@ -220,7 +220,7 @@ class WriteBehindStrategy(SessionStrategy):
     ) -> Session:
         # Built field by field: dataclasses.replace() costs twice as much, and this runs on
         # every request (the slide in get_session, the turn in update_session).
-        return Session(
+        return new_session(
             id=session.id,
             chat_id=session.chat_id,
             parent_id=session.parent_id if isinstance(parent_id, _Same) else parent_id,
