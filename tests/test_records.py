@@ -7,6 +7,9 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from aiohttp_session_store import StoreConfig
 from aiohttp_session_store.capture import one_replacement, summarize_body
@@ -175,3 +178,20 @@ def test_quick_constructors_build_the_frozen_class(
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.created_at = 0
     assert dataclasses.replace(built, created_at=9).created_at == 9
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["Authorization", "X-A", "x-a", "Host", "Cookie"]) | st.text(),
+            st.text(st.characters(exclude_categories=())),
+        ),
+        max_size=6,
+    )
+)
+def test_headers_json_is_what_json_dumps_writes(pairs: list[tuple[str, str]]) -> None:
+    builder = RecordBuilder(StoreConfig())
+    headers = CIMultiDict(pairs)
+    expected = {k: (REDACTED if k.lower() in builder.redacted else v) for k, v in headers.items()}
+    assert builder.headers_json(headers) == json.dumps(expected, ensure_ascii=False)
