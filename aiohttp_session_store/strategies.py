@@ -250,12 +250,15 @@ class WriteBehindStrategy(SessionStrategy):
     async def resolve(self, session_id: str, first: str) -> Session:
         # A cache miss reads the database once, and no await separates the read from
         # the create: concurrent resolves of one new id create one session.
-        session = await self._load(session_id)
+        known, session = self._known(session_id)
+        if not known:  # awaited only on a miss: a coroutine less per call otherwise
+            session = await self._load(session_id)
         now = self.clock()
         if session is not None and not session.is_expired(now):
             slid = self._fresh(session, now)
             self._remember(slid)
-            await self._commit()
+            if self._sync:
+                await self._commit_bounded()
             return slid
         if session is not None:
             self.counters.total_cleaned += 1  # an expired row, replaced by the new session
@@ -277,7 +280,9 @@ class WriteBehindStrategy(SessionStrategy):
         return slid
 
     async def advance(self, session_id: str, parent_id: str | None) -> bool:
-        session = await self._load(session_id)
+        known, session = self._known(session_id)
+        if not known:
+            session = await self._load(session_id)
         # No await between this read and the write below: the increment cannot be lost.
         now = self.clock()
         if session is None or session.is_expired(now):
@@ -288,7 +293,8 @@ class WriteBehindStrategy(SessionStrategy):
         return True
 
     async def after_advance(self) -> None:
-        await self._commit()
+        if self._sync:
+            await self._commit_bounded()
 
     async def set_chat_id(self, session_id: str, chat_id: str | None) -> bool:
         session = await self._load(session_id)
