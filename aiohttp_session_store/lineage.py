@@ -22,17 +22,21 @@ credential (see `scope_digest`), so two callers never share a node.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring
 from typing import Any, Final
 
 from .hashing import content_text
+from .session_cache import str_bytes
 
 __all__ = (
     "LINEAGE_VERSION",
+    "ChainLinks",
     "canonical",
     "chain_hashes",
     "extend",
@@ -71,6 +75,10 @@ def _canonical_bytes(kept: dict[str, Any]) -> bytes:
     return _dumps(kept).encode("utf-8", "surrogatepass")
 
 
+# Every call asks for its caller's scope and the root of its chain: the same few callers,
+# remembered (a digest each) rather than hashed again per call. The credentials it keys
+# on stay in this process's memory only, as the requests that carry them do.
+@functools.lru_cache(maxsize=1024)
 def scope_digest(credential: str, key: bytes | None = None) -> str:
     """The scope of a caller: SHA-256 of the credential (HMAC-SHA-256 under `key` if given).
 
@@ -107,22 +115,35 @@ def _str(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+# The stdlib encoder's own string encoder (ensure_ascii=False): the same bytes it writes.
+_quote: Final[Callable[[str], str]] = encode_basestring
+
+
+def _plain(role: str, content: str) -> bytes:
+    """canonical() of {"role": role, "content": content}, spelt out: the same bytes as the
+    encoder's (sorted keys, compact), at a fraction of the cost of a dict and a dumps."""
+    stripped = content.strip()
+    if stripped:
+        text = f'{{"content":{_quote(stripped)},"role":{_quote(role)}}}'
+    else:
+        text = f'{{"role":{_quote(role)}}}'
+    return text.encode("utf-8", "surrogatepass")
+
+
 def canonical(message: object) -> bytes | None:
     """The bytes of `message` that its chain hash covers; None if it is not a message."""
+    if type(message) is dict and len(message) == 2:
+        # The commonest message, {"role", "content": str}: the same bytes, fewer lookups.
+        role = message.get("role")
+        content = message.get("content")
+        if type(role) is str and role and type(content) is str:
+            return _plain(role, content)
     if not isinstance(message, Mapping):
         return None
     role = message.get("role")
     if not isinstance(role, str) or not role:
         return None
     kept: dict[str, Any] = {"role": role}
-    if len(message) == 2:
-        # The commonest message, {"role", "content": str}: the same bytes, fewer lookups.
-        content = message.get("content")
-        if type(content) is str:
-            stripped = content.strip()
-            if stripped:
-                kept["content"] = stripped
-            return _canonical_bytes(kept)
     name = message.get("name")
     if isinstance(name, str) and name:
         kept["name"] = name
@@ -140,6 +161,7 @@ def canonical(message: object) -> bytes | None:
     return _canonical_bytes(kept)
 
 
+@functools.lru_cache(maxsize=1024)
 def root(scope: str) -> bytes:
     """h0: the digest every chain of `scope` starts from."""
     return hashlib.sha256(_ROOT_PREFIX + scope.encode("utf-8", "surrogatepass")).digest()
@@ -157,27 +179,94 @@ def chain_hashes(messages: Sequence[object], scope: str) -> list[bytes] | None:
     """[h1, ..., hn] for `messages`; None when one of them is not a message."""
     digest = root(scope)
     chain: list[bytes] = []
+    sha256 = hashlib.sha256
     for message in messages:
-        next_digest = extend(digest, message)
-        if next_digest is None:
+        data = canonical(message)
+        if data is None:
             return None
-        chain.append(next_digest)
-        digest = next_digest
+        digest = sha256(digest + data).digest()
+        chain.append(digest)
     return chain
+
+
+# What one remembered link holds beyond its text: key tuple, digests, dict slot.
+_LINK_OVERHEAD: Final = 320
+
+
+class ChainLinks:
+    """Chain links already computed, h(k-1) and a plain message -> h(k); bounded in bytes.
+
+    A client resends its whole history every turn, so each message would otherwise be
+    canonicalised and hashed again on every later turn of its conversation (quadratic in
+    its length). A link is looked up by its text's own str hash, a small fraction of
+    canonicalising and SHA-256-ing it; the digest is the one `extend` gives. Only plain
+    messages ({"role", "content": str}, nearly all of them) are remembered; the oldest
+    links are forgotten first once past `max_bytes`.
+    """
+
+    __slots__ = ("_links", "bytes", "max_bytes")
+
+    def __init__(self, max_bytes: int) -> None:
+        self._links: dict[tuple[bytes, str, str], tuple[bytes, int]] = {}
+        self.bytes = 0
+        self.max_bytes = max_bytes
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def _plain_link(self, previous: bytes, role: str, content: str) -> bytes:
+        key = (previous, role, content)
+        found = self._links.get(key)
+        if found is not None:
+            return found[0]
+        digest = hashlib.sha256(previous + _plain(role, content)).digest()
+        size = _LINK_OVERHEAD + str_bytes(content)
+        if size <= self.max_bytes:
+            links = self._links
+            links[key] = (digest, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                self.bytes -= links.pop(next(iter(links)))[1]
+        return digest
+
+    def extend(self, previous: bytes, message: object) -> bytes | None:
+        """`extend(previous, message)`, remembered."""
+        if type(message) is dict and len(message) == 2:
+            role = message.get("role")
+            content = message.get("content")
+            if type(role) is str and role and type(content) is str:
+                return self._plain_link(previous, role, content)
+        return extend(previous, message)
+
+    def chain(self, messages: Sequence[object], scope: str) -> list[bytes] | None:
+        """`chain_hashes(messages, scope)`, each link remembered."""
+        digest = root(scope)
+        chain: list[bytes] = []
+        for message in messages:
+            next_digest = self.extend(digest, message)
+            if next_digest is None:
+                return None
+            chain.append(next_digest)
+            digest = next_digest
+        return chain
+
+    def clear(self) -> None:
+        self._links.clear()
+        self.bytes = 0
 
 
 def reply_message(reply: object) -> dict[str, Any] | None:
     """The assistant message of a `chat.completion` object (choice 0), as a client resends it."""
-    if not isinstance(reply, Mapping):
+    if not isinstance(reply, dict) and not isinstance(reply, Mapping):
         return None
     choices = reply.get("choices")
     if not isinstance(choices, list) or not choices:
         return None
     first = choices[0]
-    if not isinstance(first, Mapping):
+    if not isinstance(first, dict) and not isinstance(first, Mapping):
         return None
     message = first.get("message")
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict) and not isinstance(message, Mapping):
         return None
     out: dict[str, Any] = {"role": message.get("role") or "assistant"}
     for key in ("content", "tool_calls", "name"):

@@ -9,14 +9,14 @@ the next turn of a conversation finds its parent before the commit.
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final
 
 from .backends.base import Backend
-from .lineage import chain_hashes, extend, reply_message, root
-from .models import LineageNode, Session
+from .lineage import ChainLinks, reply_message, root
+from .models import LineageNode, Session, new_lineage_node
+from .session_cache import str_bytes
 from .turn import Turn
 from .writer import RecordWriter
 
@@ -24,18 +24,22 @@ __all__ = ("LineageIndex", "node_bytes")
 
 #: What one cached node costs beyond its strings (the node, its dict slot, the key).
 _NODE_OVERHEAD: Final = 400
+#: The share of the memory budget that remembers chain links (see `ChainLinks`).
+_LINKS_SHARE: Final = 4
 
 
 def node_bytes(node: LineageNode) -> int:
     """An upper estimate of the memory one cached node holds."""
-    size = _NODE_OVERHEAD
-    for value in (node.hash, node.scope, node.session_id, node.chat_id, node.node_id):
-        if value is not None:
-            size += sys.getsizeof(value)
-    for value in (node.response_id, node.parent_hash):
-        if value is not None:
-            size += sys.getsizeof(value)
-    return size
+    values = (
+        node.hash,
+        node.scope,
+        node.session_id,
+        node.chat_id,
+        node.node_id,
+        node.response_id,
+        node.parent_hash,
+    )
+    return _NODE_OVERHEAD + sum([str_bytes(v) for v in values if v is not None])
 
 
 class LineageIndex:
@@ -44,14 +48,16 @@ class LineageIndex:
     def __init__(self, backend: Backend, writer: RecordWriter, *, max_bytes: int) -> None:
         self._backend = backend
         self._writer = writer
-        self._max_bytes = max_bytes
+        # One budget for both: a quarter remembers links, the rest nodes.
+        self._links = ChainLinks(max_bytes // _LINKS_SHARE)
+        self._max_bytes = max_bytes - self._links.max_bytes
         self._cache: OrderedDict[str, tuple[LineageNode, int]] = OrderedDict()
         self._bytes = 0
         self.queries = 0
 
     @property
     def cached_bytes(self) -> int:
-        return self._bytes
+        return self._bytes + self._links.bytes
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -77,21 +83,28 @@ class LineageIndex:
         self._cache.move_to_end(key)
         return entry[0]
 
+    def _find_cached(self, candidates: Sequence[str]) -> tuple[LineageNode | None, list[str]]:
+        """(the best cached node, the later candidates not cached, latest first)."""
+        unknown: list[str] = []
+        for key in reversed(candidates):
+            best = self.cached(key)
+            if best is not None:
+                return best, unknown
+            unknown.append(key)
+        return None, unknown
+
     async def find(self, candidates: Sequence[str]) -> LineageNode | None:
         """The known node of the latest of `candidates` (hashes, oldest point first).
 
         Answers from memory when the latest known candidate is cached; otherwise one
         query for every candidate after the best cached one.
         """
-        best: LineageNode | None = None
-        unknown: list[str] = []
-        for key in reversed(candidates):
-            best = self.cached(key)
-            if best is not None:
-                break
-            unknown.append(key)
+        best, unknown = self._find_cached(candidates)
         if not unknown:
             return best
+        return await self._query(best, unknown)
+
+    async def _query(self, best: LineageNode | None, unknown: list[str]) -> LineageNode | None:
         self.queries += 1
         found = await self._backend.get_lineage_nodes(unknown)
         if not found:
@@ -127,19 +140,22 @@ class LineageIndex:
         Only a point that ends in an assistant message and leaves at least one message
         after it can be continued (the upstream needs something new to answer).
         """
-        chain = chain_hashes(history, scope)
+        chain = self._links.chain(history, scope)
         turn = Turn(session=session, scope=scope, history=history)
         if chain is None:
             return turn
         hashes = [digest.hex() for digest in chain]
         turn.hashes = hashes
+        turn.last_digest = chain[-1] if chain else None
         candidates = [
             hashes[i]
             for i in range(len(history) - 1)
-            if history[i].get("role") == "assistant"  # chain_hashes checked they are dicts
+            if history[i].get("role") == "assistant"  # the chain checked they are dicts
         ]
         if candidates:
-            turn.node = await self.find(candidates)
+            # No await (no coroutine) when memory answers: the common case.
+            best, unknown = self._find_cached(candidates)
+            turn.node = best if not unknown else await self._query(best, unknown)
         return turn
 
     def complete(
@@ -155,13 +171,15 @@ class LineageIndex:
         message = reply_message(reply)
         if message is None:
             return None
-        previous = bytes.fromhex(turn.hashes[-1]) if turn.hashes else None
-        digest = extend(previous if previous is not None else root(turn.scope), message)
+        previous = turn.last_digest
+        if previous is None:
+            previous = bytes.fromhex(turn.hashes[-1]) if turn.hashes else root(turn.scope)
+        digest = self._links.extend(previous, message)
         if digest is None:
             return None
         session = turn.session
         chat_id = turn.reply_chat_id or turn.chat_id or (session.chat_id if session else None)
-        node = LineageNode(
+        node = new_lineage_node(
             hash=digest.hex(),
             scope=turn.scope,
             session_id=session.id if session is not None else None,

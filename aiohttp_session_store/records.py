@@ -22,7 +22,15 @@ from .capture import CapturedBody, ResponseCapture, body_text, one_replacement, 
 from .config import StoreConfig
 from .hashing import first_user_text, generate_session_id, validate_session_id
 from .lineage import scope_digest
-from .models import Outcome, RequestRecord, ResponseRecord, Session, now_ms
+from .models import (
+    Outcome,
+    RequestRecord,
+    ResponseRecord,
+    Session,
+    new_request_record,
+    new_response_record,
+    now_ms,
+)
 
 if TYPE_CHECKING:
     from .turn import Turn
@@ -216,7 +224,7 @@ class RecordBuilder:
     ) -> RequestRecord:
         model = body.get("model") if isinstance(body, dict) else None
         stream = body.get("stream") is True if isinstance(body, dict) else False
-        return RequestRecord(
+        return new_request_record(
             request_id=rec.request_id,
             session_id=rec.session.id if rec.session else rec.session_id,
             timestamp=ts,
@@ -258,7 +266,7 @@ class RecordBuilder:
         first_byte = rec.capture.first_byte_at if rec.capture else (ended if body else None)
         summary = body.summary if body is not None else None
         ts = now_ms()
-        return ResponseRecord(
+        return new_response_record(
             response_id=rec.response_id,
             request_id=rec.request_id,
             session_id=rec.session.id if rec.session else rec.session_id,

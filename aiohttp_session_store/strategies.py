@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from .backends.base import Backend
-from .models import Session
+from .models import Session, new_session
 from .session_cache import SessionCache
 from .writer import DELETED, RecordWriter
 
@@ -221,7 +221,7 @@ class WriteBehindStrategy(SessionStrategy):
     ) -> Session:
         # Built field by field: dataclasses.replace() costs twice as much, and this runs on
         # every request (the slide in get_session, the turn in update_session).
-        return Session(
+        return new_session(
             id=session.id,
             chat_id=session.chat_id,
             parent_id=session.parent_id if isinstance(parent_id, _Same) else parent_id,
@@ -251,12 +251,15 @@ class WriteBehindStrategy(SessionStrategy):
     async def resolve(self, session_id: str, first: str) -> Session:
         # A cache miss reads the database once, and no await separates the read from
         # the create: concurrent resolves of one new id create one session.
-        session = await self._load(session_id)
+        known, session = self._known(session_id)
+        if not known:  # awaited only on a miss: a coroutine less per call otherwise
+            session = await self._load(session_id)
         now = self.clock()
         if session is not None and not session.is_expired(now):
             slid = self._fresh(session, now)
             self._remember(slid)
-            await self._commit()
+            if self._sync:
+                await self._commit_bounded()
             return slid
         if session is not None:
             self.counters.total_cleaned += 1  # an expired row, replaced by the new session
@@ -278,7 +281,9 @@ class WriteBehindStrategy(SessionStrategy):
         return slid
 
     async def advance(self, session_id: str, parent_id: str | None) -> bool:
-        session = await self._load(session_id)
+        known, session = self._known(session_id)
+        if not known:
+            session = await self._load(session_id)
         # No await between this read and the write below: the increment cannot be lost.
         now = self.clock()
         if session is None or session.is_expired(now):
@@ -289,7 +294,8 @@ class WriteBehindStrategy(SessionStrategy):
         return True
 
     async def after_advance(self) -> None:
-        await self._commit()
+        if self._sync:
+            await self._commit_bounded()
 
     async def set_chat_id(self, session_id: str, chat_id: str | None) -> bool:
         session = await self._load(session_id)

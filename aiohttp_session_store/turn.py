@@ -46,6 +46,8 @@ class Turn:
     node: LineageNode | None = None
     #: Chain hashes of `history` (hex), or None when a message was malformed.
     hashes: list[str] | None = None
+    #: The last of `hashes` as raw bytes (what the reply's link extends), when known.
+    last_digest: bytes | None = None
     #: Set by the handler: the upstream chat and node its reply became.
     reply_chat_id: str | None = None
     reply_node_id: str | None = None

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from typing import Final, NamedTuple, Protocol, TypeVar, Union
 from .backends.base import Backend
 from .errors import StoreWriteError
 from .models import LineageNode, RequestRecord, ResponseRecord, Session, SessionChange, WriteBatch
-from .session_cache import session_bytes
+from .session_cache import session_bytes, str_bytes
 
 __all__ = ("DELETED", "RecordWriter", "WriteObserver", "record_bytes")
 
@@ -81,7 +80,7 @@ _RESPONSE_FIELDS: Final = attrgetter(*ResponseRecord.__slots__)
 def record_bytes(record: RequestRecord | ResponseRecord) -> int:
     """Memory a queued record holds: its strings as CPython stores them, plus the object."""
     values = _REQUEST_FIELDS(record) if type(record) is RequestRecord else _RESPONSE_FIELDS(record)
-    return _RECORD_OVERHEAD + sum([sys.getsizeof(v) for v in values if isinstance(v, str)])
+    return _RECORD_OVERHEAD + sum([str_bytes(v) for v in values if type(v) is str])
 
 
 class WriteObserver(Protocol):
@@ -270,7 +269,7 @@ class RecordWriter:
 
     def put_upstream_request(self, request_id: str, upstream_request: str) -> bool:
         item = _Upstream(request_id, upstream_request)
-        return self._enqueue(item, _RECORD_OVERHEAD + sys.getsizeof(upstream_request))
+        return self._enqueue(item, _RECORD_OVERHEAD + str_bytes(upstream_request))
 
     def put_response(self, record: ResponseRecord) -> bool:
         # Observed even when dropped: the call happened, whether or not storage keeps up.

@@ -157,13 +157,18 @@ def _run(mode: str, kind: str, count: int, work: Path) -> dict[str, float]:
     return {"main": _totals(main) / count, "threads": others / count}
 
 
-def measure(count: int = 200, work: Path | None = None) -> dict[str, dict[str, float]]:
-    """Per kind: main-thread instructions per call in each mode, and what the store adds."""
+def measure(
+    count: int = 200, work: Path | None = None, kinds: tuple[str, ...] = KINDS
+) -> dict[str, dict[str, float]]:
+    """Per kind: main-thread instructions per call in each mode, and what the store adds.
+
+    With `work` given, callgrind's output files stay there (for callgrind_annotate).
+    """
     own = work is None
     tmp = Path(tempfile.mkdtemp(prefix="bench-callgrind-")) if work is None else work
     out: dict[str, dict[str, float]] = {}
     try:
-        for kind in KINDS:
+        for kind in kinds:
             f: dict[str, float] = {}
             for mode in MODES:
                 r = _run(mode, kind, count, tmp)
@@ -197,13 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep callgrind's files in DIR (for annotate)"
+    )
     p.add_argument("--inner", nargs=4, metavar=("MODE", "KIND", "N", "DB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.inner:
         mode, kind, count, db = args.inner
         asyncio.run(inner(mode, kind, int(count), Path(db)))
         return 0
-    results = measure(args.calls)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        for old in args.keep.glob("cg-*"):
+            old.unlink()
+    results = measure(args.calls, args.keep, tuple(args.kinds))
     for line in report(results, args.calls):
         print(line)
     if args.json:

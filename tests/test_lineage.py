@@ -18,6 +18,7 @@ from pytest_aiohttp import AiohttpServer
 
 from aiohttp_session_store import SessionManager, StoreConfig, get_store
 from aiohttp_session_store.lineage import (
+    ChainLinks,
     canonical,
     chain_hashes,
     extend,
@@ -145,6 +146,42 @@ def test_chain_is_a_prefix_chain() -> None:
     assert chain_hashes(messages[:2], "") == chain[:2]
     assert extend(chain[2], messages[3]) == chain[3]
     assert extend(root(""), messages[0]) == chain[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    messages=st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "assistant", ""]), "content": st.text()}
+            ),
+            st.fixed_dictionaries(
+                {"role": st.just("tool"), "content": st.text(), "tool_call_id": st.text()}
+            ),
+            st.just({"role": "user", "content": None}),
+        ),
+        max_size=6,
+    ),
+    scope=st.sampled_from(["", "s"]),
+)
+def test_remembered_links_are_the_chain(messages: list[dict[str, Any]], scope: str) -> None:
+    links = ChainLinks(max_bytes=2_000)
+    for _ in range(2):  # computed, then (some) remembered
+        assert links.chain(messages, scope) == chain_hashes(messages, scope)
+        assert links.bytes <= 2_000
+    if messages:
+        previous = root(scope)
+        assert links.extend(previous, messages[0]) == extend(previous, messages[0])
+
+
+def test_remembered_links_are_bounded_oldest_first() -> None:
+    links = ChainLinks(max_bytes=5_000)
+    chains = [links.chain([{"role": "user", "content": f"{i}" * 100}], "") for i in range(40)]
+    assert 0 < len(links) < 40
+    assert links.bytes <= 5_000
+    # Forgotten or remembered, a link gives the same digest.
+    assert links.chain([{"role": "user", "content": "0" * 100}], "") == chains[0]
+    assert links.chain([{"role": "user", "content": "9" * 100}], "") == chains[9]
 
 
 def test_scope_separates_chains() -> None:

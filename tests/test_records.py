@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from aiohttp_session_store import StoreConfig
 from aiohttp_session_store.capture import one_replacement, summarize_body
 from aiohttp_session_store.errors import InvalidSessionIdError
 from aiohttp_session_store.hashing import generate_session_id
 from aiohttp_session_store.manager import Turn
+from aiohttp_session_store.models import (
+    LineageNode,
+    RequestRecord,
+    Session,
+    new_lineage_node,
+    new_request_record,
+    new_session,
+)
 from aiohttp_session_store.records import REDACTED, RecordBuilder, Recording
 
 STARTED = 100.0
@@ -142,3 +154,44 @@ def test_session_id_from_header_or_first_user_text() -> None:
 )
 def test_each_lone_surrogate_becomes_one_replacement(text: str, stored: str) -> None:
     assert one_replacement(text) == stored
+
+
+@pytest.mark.parametrize(
+    ("cls", "quick", "args"),
+    [
+        (Session, new_session, ("s", None, "p", "first", 2, 1, 2, 3)),
+        (
+            RequestRecord,
+            new_request_record,
+            ("r", None, 1, "POST", "/", None, True, "{}", None, "{}", 1),
+        ),
+        (LineageNode, new_lineage_node, ("h", "", None, "c", "n", None, 2, None, 1)),
+    ],
+)
+def test_quick_constructors_build_the_frozen_class(
+    cls: type[Any], quick: Any, args: tuple[Any, ...]
+) -> None:
+    built = quick(*args)
+    assert type(built) is cls
+    assert built == cls(*args)
+    assert hash(built) == hash(cls(*args))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.created_at = 0
+    assert dataclasses.replace(built, created_at=9).created_at == 9
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["Authorization", "X-A", "x-a", "Host", "Cookie"]) | st.text(),
+            st.text(st.characters(exclude_categories=())),
+        ),
+        max_size=6,
+    )
+)
+def test_headers_json_is_what_json_dumps_writes(pairs: list[tuple[str, str]]) -> None:
+    builder = RecordBuilder(StoreConfig())
+    headers = CIMultiDict(pairs)
+    expected = {k: (REDACTED if k.lower() in builder.redacted else v) for k, v in headers.items()}
+    assert builder.headers_json(headers) == json.dumps(expected, ensure_ascii=False)
