@@ -75,10 +75,8 @@ def _canonical_bytes(kept: dict[str, Any]) -> bytes:
     return _dumps(kept).encode("utf-8", "surrogatepass")
 
 
-# Every call asks for its caller's scope and the root of its chain: the same few callers,
-# remembered (a digest each) rather than hashed again per call. The credentials it keys
-# on stay in this process's memory only, as the requests that carry them do.
-@functools.lru_cache(maxsize=1024)
+# Not cached, though every call asks: a cache keyed by credentials would keep a thousand
+# callers' raw API keys alive in the process long after their requests, for one SHA-256.
 def scope_digest(credential: str, key: bytes | None = None) -> str:
     """The scope of a caller: SHA-256 of the credential (HMAC-SHA-256 under `key` if given).
 
