@@ -107,7 +107,7 @@ def _choice_zero(choices: object) -> Mapping[str, Any] | None:
         return None
     first: Mapping[str, Any] | None = None
     for choice in choices:
-        if not isinstance(choice, Mapping):
+        if not isinstance(choice, (dict, Mapping)):
             continue
         if _count(choice.get("index")) == 0:
             return choice
@@ -122,10 +122,11 @@ def completion_summary(body: object) -> CompletionSummary:
     `body` is a parsed JSON reply and may be anything: whatever is missing or of the wrong
     type reads as None, never as an error. A count of 0 stays 0.
     """
-    if not isinstance(body, Mapping):
+    # dict first: an exact type check, where Mapping alone is an ABC lookup.
+    if not isinstance(body, (dict, Mapping)):
         return CompletionSummary(None, None, None, None)
     usage = body.get("usage")
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, (dict, Mapping)):
         usage = {}
     choice = _choice_zero(body.get("choices"))
     finish_reason = choice.get("finish_reason") if choice is not None else None
@@ -245,6 +246,8 @@ class _Choice:
         self.logprobs: dict[str, Any] | None = None
 
     def merge(self, delta: Mapping[str, Any]) -> None:
+        if not delta:  # the finish chunk's
+            return
         role = delta.get("role")
         if self.role is None and isinstance(role, str) and role:
             self.role = role
@@ -455,17 +458,19 @@ class ChatStreamAssembler:
         joined = b"\n".join(payloads)
         self._keep_raw_payloads(payloads, joined)
         i, count = 0, len(payloads)
+        at = 0  # where payloads[i] starts in `joined`
         learned_at = -1
         while i < count:
             repeat = self._repeat
             if repeat is not None:
-                values = run_values(payloads, i, repeat[0], repeat[1], joined)
-                if values:
+                run = run_values(payloads, i, repeat[0], repeat[1], joined, at)
+                if run is not None and run[0]:
+                    values, at = run
                     self._merge_run(values, repeat[2], repeat[3])
                     self._repeat_tries = 8
                     i += len(values)
                     continue
-                if values is not None:
+                if run is not None:
                     # Looked like a repeat but the run's bytes were refused: learn anew
                     # rather than try the same bytes again from the next chunk.
                     self._repeat = None
@@ -473,16 +478,19 @@ class ChatStreamAssembler:
             if payload == b"[DONE]":
                 self._done = True
                 i += 1
+                at += 7
                 continue
             parsed = self._parse_chunk(payload.decode("utf-8", "replace"))
             if parsed is None:
                 i += 1
+                at += len(payload) + 1
                 continue
             chunk = parsed[0]
             if self._repeat_tries > 0 and learned_at != i and self._learn_repeat(payload, chunk):
                 learned_at = i  # the run from here takes this chunk too
                 continue
             i += 1
+            at += len(payload) + 1
             self._merge_chunk(chunk, parsed[1])
 
     def _keep_raw_payloads(self, payloads: list[bytes], joined: bytes) -> None:

@@ -193,7 +193,14 @@ class ResponseCapture:
                 except Exception:
                     # Recording must never cut off a reply the client is receiving.
                     log.exception("cannot record a streamed reply before its end")
-            await send_eof(data)
+            try:
+                await send_eof(data)
+            finally:
+                # The response stops reaching back to the tee: no reference cycle for the
+                # garbage collector to find (write_eof again, or a write, does as aiohttp does).
+                attrs = vars(response)
+                attrs.pop("write", None)
+                attrs.pop("write_eof", None)
 
         # Instance attributes shadow the methods for this one response only.
         response.write = write  # type: ignore[method-assign]

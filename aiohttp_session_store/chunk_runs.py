@@ -66,25 +66,24 @@ def probe(prefix: bytes, suffix: bytes, value: str) -> tuple[bytes, str]:
 
 
 def run_values(
-    payloads: list[bytes], start: int, prefix: bytes, suffix: bytes, joined: bytes | None = None
-) -> list[Any] | None:
-    """The strings of the repeats from `payloads[start]` on, in order.
+    payloads: list[bytes], start: int, prefix: bytes, suffix: bytes, joined: bytes, at: int
+) -> tuple[list[Any], int] | None:
+    """The strings of the repeats from `payloads[start]` on, in order, and where the line
+    after them starts in `joined`.
 
-    None when `payloads[start]` does not look like a repeat; [] when it does but the run's
-    bytes are refused (the caller goes chunk by chunk, and should not try them again).
-    `payloads` hold no line break; `joined` is `b"\\n".join(payloads)` when already made.
+    `joined` is `b"\\n".join(payloads)` (which hold no line break); `payloads[start]`
+    starts at `at` in it. None when `payloads[start]` does not look like a repeat; ([], at)
+    when it does but the run's bytes are refused (go chunk by chunk; do not try them again).
     """
     first = payloads[start]
     lp, ls = len(prefix), len(suffix)
     if len(first) < lp + ls + 2 or first[:lp] != prefix or first[-ls:] != suffix:
         return None
     rest = payloads[start:] if start else payloads
-    if start or joined is None:
-        joined = b"\n".join(rest)
     # The run most likely ends with the last line that starts like a repeat (found
     # backwards: a long needle costs little that way), or the line before it.
-    last = joined.rfind(b"\n" + prefix)
-    end = len(first) if last < 0 else joined.find(b"\n", last + 1)
+    last = joined.rfind(b"\n" + prefix, at)
+    end = at + len(first) if last < 0 else joined.find(b"\n", last + 1)
     if end < 0:
         end = len(joined)
     count, after = len(rest), len(joined) - end
@@ -95,47 +94,46 @@ def run_values(
     # those tokens, are the same bytes (C copies and compares, no Python work per line).
     tokens = list(map(itemgetter(slice(lp, -ls)), rest[:count] if count < len(rest) else rest))
     glue = suffix + b"\n" + prefix
-    if not _same(joined, end, tokens, count, glue, suffix):
+    if not _same(joined, at, end, tokens, count, glue, suffix):
         end -= len(rest[count - 1]) + 1
         count -= 1
-        if not _same(joined, end, tokens, count, glue, suffix):
-            ends = list(map(add, accumulate(map(len, rest)), itertools.count()))
+        if not _same(joined, at, end, tokens, count, glue, suffix):
+            ends = list(map(add, accumulate(map(len, rest), initial=at), itertools.count(-1)))
             low, high = 1, count - 1  # the first line is a repeat; find how many follow it
             while low < high:
                 mid = (low + high + 1) // 2
-                if _same(joined, ends[mid - 1], tokens, mid, glue, suffix):
+                if _same(joined, at, ends[mid], tokens, mid, glue, suffix):
                     low = mid
                 else:
                     high = mid - 1
             count = low
+            end = ends[count]
         del tokens[count:]
     # Each token one JSON string: with escaped backslashes and quotes gone, the only quotes
     # left are the two around each token.
     bare = _SEP.join(tokens)
     if bare.count(_SEP) != count - 1:
-        return []
+        return [], at
     bare = bare.replace(b"\\\\", b"").replace(b'\\"', b"").replace(b'"\x04"', _SEP)
     if bare[:1] != b'"' or bare[-1:] != b'"' or bare.count(b'"') != 2:
-        return []
+        return [], at
     try:
         values: list[Any] = loads(b"[" + b",".join(tokens) + b"]")
     except ValueError:  # control characters, bad escapes or UTF-8, lone surrogates
-        return []
-    return values if len(values) == count else []
+        return [], at
+    return (values, end + 1) if len(values) == count else ([], at)
 
 
 def _same(
-    joined: bytes, end: int, tokens: list[bytes], count: int, glue: bytes, suffix: bytes
+    joined: bytes, at: int, end: int, tokens: list[bytes], count: int, glue: bytes, suffix: bytes
 ) -> bool:
-    """Are the lines of `joined` up to `end` the first `count` tokens' repeats?
+    """Are the lines of `joined` from `at` to `end` the first `count` tokens' repeats?
 
-    The first line is known to start with the prefix, which `glue` ends with.
+    The first line is known to be one; `glue` ends with the prefix.
     """
-    if count < 1:
-        return False
-    if count == 1:
-        return True  # checked by the caller
-    lp = len(glue) - len(suffix) - 1
-    return joined[end - len(suffix) : end] == suffix and joined[lp : end - len(suffix)] == (
+    if count < 2:
+        return count == 1
+    ls = len(suffix)
+    return joined[end - ls : end] == suffix and joined[at + len(glue) - ls - 1 : end - ls] == (
         glue.join(tokens[:count] if count < len(tokens) else tokens)
     )
