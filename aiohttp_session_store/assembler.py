@@ -7,7 +7,8 @@ and the usage when the stream carried one. `completion_summary` reads the token 
 finish_reason off such an object, whichever way it was obtained.
 
 Over the 400-line guide as one concern: the merge rules per field, the byte budget every
-kept part is charged to, and the hot path every streamed event takes are one state machine
+kept part is charged to, and the hot paths events take (`feed_data` one at a time,
+`feed_payloads` a batch, with runs of repeated chunks merged at once) are one state machine
 whose parts only make sense together.
 
 Public API (`from aiohttp_session_store import ChatStreamAssembler, SSEParser`): to learn
