@@ -7,7 +7,8 @@ and the usage when the stream carried one. `completion_summary` reads the token 
 finish_reason off such an object, whichever way it was obtained.
 
 Over the 400-line guide as one concern: the merge rules per field, the byte budget every
-kept part is charged to, and the hot path every streamed event takes are one state machine
+kept part is charged to, and the hot paths events take (`feed_data` one at a time,
+`feed_payloads` a batch, with runs of repeated chunks merged at once) are one state machine
 whose parts only make sense together.
 
 Public API (`from aiohttp_session_store import ChatStreamAssembler, SSEParser`): to learn
@@ -31,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .chunk_runs import probe, run_values, token_span
 from .sse import SSEEvent, TruncatedData
 
 __all__ = (
@@ -62,6 +64,24 @@ def json_loads(text: str | bytes) -> Any:
     return json.loads(text)
 
 
+def _is_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# The delta fields whose text a choice joins, and the list each goes to.
+_TEXT_FIELDS = {
+    "content": "content",
+    "reasoning_content": "reasoning",
+    "reasoning": "reasoning",
+    "refusal": "refusal",
+}
+
 # Copied from the first chunk that has them; the rest of a chunk's top level is per-chunk.
 _HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 
@@ -88,7 +108,7 @@ def _choice_zero(choices: object) -> Mapping[str, Any] | None:
         return None
     first: Mapping[str, Any] | None = None
     for choice in choices:
-        if not isinstance(choice, Mapping):
+        if not isinstance(choice, (dict, Mapping)):
             continue
         if _count(choice.get("index")) == 0:
             return choice
@@ -103,10 +123,11 @@ def completion_summary(body: object) -> CompletionSummary:
     `body` is a parsed JSON reply and may be anything: whatever is missing or of the wrong
     type reads as None, never as an error. A count of 0 stays 0.
     """
-    if not isinstance(body, Mapping):
+    # dict first: an exact type check, where Mapping alone is an ABC lookup.
+    if not isinstance(body, (dict, Mapping)):
         return CompletionSummary(None, None, None, None)
     usage = body.get("usage")
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, (dict, Mapping)):
         usage = {}
     choice = _choice_zero(body.get("choices"))
     finish_reason = choice.get("finish_reason") if choice is not None else None
@@ -226,6 +247,8 @@ class _Choice:
         self.logprobs: dict[str, Any] | None = None
 
     def merge(self, delta: Mapping[str, Any]) -> None:
+        if not delta:  # the finish chunk's
+            return
         role = delta.get("role")
         if self.role is None and isinstance(role, str) and role:
             self.role = role
@@ -362,6 +385,8 @@ class ChatStreamAssembler:
         "_raw",
         "_raw_bytes",
         "_raw_truncated",
+        "_repeat",
+        "_repeat_tries",
         "_usage",
     )
 
@@ -379,7 +404,7 @@ class ChatStreamAssembler:
         self._budget = _Budget(max_text_chars)
         self._max_raw_events = max_raw_events
         self._max_raw_bytes = max_raw_bytes
-        self._raw: list[str] = []
+        self._raw: list[str | bytes] = []
         self._raw_bytes = 0
         self._raw_truncated = False
         self._openai_shaped = False
@@ -391,6 +416,12 @@ class ChatStreamAssembler:
         self._header_missing: tuple[str, ...] = _HEADER_KEYS
         self._usage: dict[str, Any] | None = None
         self._choices: dict[int, _Choice] = {}
+        # The chunk later ones repeat but for their text (see chunk_runs): its bytes around
+        # that text, the list the text goes to, and the budget it is charged to.
+        self._repeat: tuple[bytes, bytes, list[str], _Budget] | None = None
+        # Templates learned that no chunk has repeated yet: a stream whose chunks never
+        # repeat stops paying for learning them.
+        self._repeat_tries = 8
 
     def feed(self, event: SSEEvent) -> None:
         """Take one event: "[DONE]" marks the end, chat chunks are merged, the rest kept raw."""
@@ -414,6 +445,157 @@ class ChatStreamAssembler:
             self._raw_bytes += size
         else:
             self._keep_raw(data)
+        self._merge_text(data)
+
+    def feed_payloads(self, payloads: list[bytes]) -> None:
+        """As `feed_data` for each event's data given as UTF-8 bytes, in one go.
+
+        Invalid UTF-8 reads as if replaced, as `SSEParser` does. The data hold no line
+        break (what `split_data_events` gives). Chunks that repeat a known one but for their
+        text are merged by the run, without a dict or a parse each.
+        """
+        if not payloads:
+            return
+        joined = b"\n".join(payloads)
+        self._keep_raw_payloads(payloads, joined)
+        i, count = 0, len(payloads)
+        at = 0  # where payloads[i] starts in `joined`
+        learned_at = -1
+        while i < count:
+            repeat = self._repeat
+            if repeat is not None:
+                run = run_values(payloads, i, repeat[0], repeat[1], joined, at)
+                if run is not None and run[0]:
+                    values, at = run
+                    self._merge_run(values, repeat[2], repeat[3])
+                    self._repeat_tries = 8
+                    i += len(values)
+                    continue
+                if run is not None:
+                    # Looked like a repeat but the run's bytes were refused: learn anew
+                    # rather than try the same bytes again from the next chunk.
+                    self._repeat = None
+            payload = payloads[i]
+            if payload == b"[DONE]":
+                self._done = True
+                i += 1
+                at += 7
+                continue
+            parsed = self._parse_chunk(payload.decode("utf-8", "replace"))
+            if parsed is None:
+                i += 1
+                at += len(payload) + 1
+                continue
+            chunk = parsed[0]
+            if self._repeat_tries > 0 and learned_at != i and self._learn_repeat(payload, chunk):
+                learned_at = i  # the run from here takes this chunk too
+                continue
+            i += 1
+            at += len(payload) + 1
+            self._merge_chunk(chunk, parsed[1])
+
+    def _keep_raw_payloads(self, payloads: list[bytes], joined: bytes) -> None:
+        size = len(joined) - len(payloads) + 1
+        if (
+            not self._raw_truncated
+            and len(self._raw) + len(payloads) <= self._max_raw_events
+            and self._raw_bytes + size <= self._max_raw_bytes
+            and _is_utf8(joined)
+        ):
+            # Kept as bytes, decoded only if the raw events are asked for.
+            self._raw.extend(payloads)
+            self._raw_bytes += size
+            return
+        for payload in payloads:
+            self._keep_raw(payload.decode("utf-8", "replace"))
+
+    def _merge_run(self, values: list[Any], target: list[str], budget: _Budget) -> None:
+        size = sum(map(len, values))
+        if budget.left is None or size <= budget.left:
+            if budget.left is not None:
+                budget.left -= size
+            target.extend(values)
+            return
+        for value in values:
+            if budget.take(value):
+                target.append(value)
+
+    def _learn_repeat(self, payload: bytes, chunk: dict[str, Any]) -> bool:
+        """Take `chunk` (not merged) as the one later chunks repeat, if its only effect is text."""
+        found = self._text_target(chunk)
+        if found is None or not found[1]:
+            return False
+        target, text, key = found
+        span = token_span(payload, text)
+        if span is None:
+            return False
+        prefix, suffix = span
+        # The string found must be the one that carries the text, not an equal one beside
+        # it: written another way, it changes the text and nothing else.
+        other, value = probe(prefix, suffix, text)
+        try:
+            probed = json_loads(other)["choices"][0]["delta"][key]
+        except (ValueError, RecursionError, LookupError, TypeError):
+            return False
+        if probed != value:
+            return False
+        self._repeat_tries -= 1
+        self._repeat = (prefix, suffix, target, self._budget)
+        return True
+
+    def _text_target(self, chunk: Any) -> tuple[list[str], str, str] | None:
+        """(list, text, key) when merging `chunk` would only add `text` to one choice's list.
+
+        `key` is the delta field that carries it.
+        """
+        if not self._openai_shaped or type(chunk) is not dict:
+            return None
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1 or chunk.get("error") is not None:
+            return None
+        if type(chunk.get("usage")) is dict:
+            return None
+        for key in self._header_missing:
+            if chunk.get(key) is not None:
+                return None
+        choice = choices[0]
+        if type(choice) is not dict:
+            return None
+        delta = choice.get("delta")
+        if (
+            type(delta) is not dict
+            or isinstance(choice.get("finish_reason"), str)
+            or isinstance(choice.get("logprobs"), dict)
+        ):
+            return None
+        state = self._choices.get(_count(choice.get("index")) or 0)
+        if state is None:
+            return None
+        found: tuple[list[str], str, str] | None = None
+        for key, value in delta.items():
+            if value is None:
+                continue
+            if key == "role":
+                # Taken from the first chunk that has one: after that, no effect.
+                if state.role is None and isinstance(value, str) and value:
+                    return None
+                continue
+            target = _TEXT_FIELDS.get(key)
+            if found is not None or target is None or not isinstance(value, str):
+                return None
+            found = (getattr(state, target), value, key)
+        return found
+
+    def _merge_text(self, data: str) -> None:
+        parsed = self._parse_chunk(data)
+        if parsed is not None:
+            self._merge_chunk(*parsed)
+
+    def _parse_chunk(self, data: str) -> tuple[dict[str, Any], int] | None:
+        """The JSON object an event's data holds and its length (None for anything else).
+
+        Notes "[DONE]" on the way.
+        """
         # Only an object can be a chunk or an error; skip json.loads for anything else.
         # A chunk starts with "{" as sent: no stripped copy of it (JSON allows the rest).
         text = data
@@ -421,22 +603,24 @@ class ChatStreamAssembler:
             text = data.strip()
             if text == "[DONE]":
                 self._done = True
-                return
+                return None
             if not text.startswith("{"):
-                return
+                return None
         try:
             obj = json_loads(text)
         except (ValueError, RecursionError):
-            return
-        if not isinstance(obj, dict):
-            return
+            return None
+        return (obj, len(text)) if isinstance(obj, dict) else None
+
+    def _merge_chunk(self, obj: dict[str, Any], size: int) -> None:
+        """Merge a parsed event; `size`: the length of its data (what logprobs may cost)."""
         error = obj.get("error")
         if error is not None:
             self._error = error
         choices = obj.get("choices")
         if isinstance(choices, list) or obj.get("object") == "chat.completion.chunk":
             self._openai_shaped = True
-            self._merge(obj, choices if isinstance(choices, list) else [], len(text))
+            self._merge(obj, choices if isinstance(choices, list) else [], size)
 
     @property
     def content(self) -> str:
@@ -450,13 +634,21 @@ class ChatStreamAssembler:
             parts[:] = ["".join(parts)]
         return parts[0]
 
-    def result(self) -> AssembledStream:
-        """The stream so far, with the completion assembled from it."""
+    def result(self, *, raw_events: bool = True) -> AssembledStream:
+        """The stream so far, with the completion assembled from it.
+
+        `raw_events=False` leaves `raw_events` empty, for a caller that reads them only when
+        the stream was not a chat completion (and then asks again).
+        """
         completion = self._build() if self._openai_shaped else None
         return AssembledStream(
             openai_shaped=self._openai_shaped,
             completion=completion,
-            raw_events=list(self._raw),
+            raw_events=[
+                raw if isinstance(raw, str) else raw.decode("utf-8", "replace") for raw in self._raw
+            ]
+            if raw_events
+            else [],
             done=self._done,
             error=self._error,
             summary=completion_summary(completion),

@@ -2,8 +2,14 @@
 
 The tee wraps the prepared response's `write`/`write_eof`: the narrowest point every
 StreamResponse (and aiohttp-sse's EventSourceResponse) sends its body through. Each write
-is passed on untouched and first; only bytes that reached the transport are fed to the
-parser, so a record of a broken stream holds exactly what the client was sent.
+is passed on untouched and first; only bytes that reached the transport are kept, so a
+record of a broken stream holds exactly what the client was sent.
+
+An event stream's writes are kept as they are and taken in batches (at the end, or each
+time 64 KiB have come): split into events in a few calls when they have a chat stream's
+usual shape (`split_data_events`), handed to the assembler's bulk path (`feed_payloads`);
+anything else goes through `SSEParser` until it is back between events. Per write, only
+an append.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from .assembler import ChatStreamAssembler, CompletionSummary, completion_summary, json_loads
-from .sse import SSEParser
+from .sse import SSEParser, split_data_events
 
 __all__ = (
     "CapturedBody",
@@ -37,6 +43,29 @@ _EMPTY_SUMMARY: Final = CompletionSummary(None, None, None, None)
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # Made once: json.dumps with an option builds a new encoder per call.
 _dumps_text: Final = json.JSONEncoder(ensure_ascii=False).encode
+_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_dumps_tree: Callable[[Any], str]
+if _c_encoder is not None:
+    # The C encoder JSONEncoder(ensure_ascii=False).encode makes on every call, made once;
+    # without its check for cycles, which JSON-parsed values never hold. Same text.
+    _encode_tree = _c_encoder(
+        None,
+        json.JSONEncoder().default,
+        json.encoder.encode_basestring,
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        True,
+    )
+
+    def _dumps_tree(value: Any) -> str:
+        return "".join(_encode_tree(value, 0))
+else:  # pragma: no cover - CPython has it
+    _dumps_tree = _dumps_text
+# Writes of an event stream held before they are split: bounds what a stream holds unsplit.
+_BATCH_BYTES: Final = 64 * 1024
 
 
 def one_replacement(text: str) -> str:
@@ -99,12 +128,18 @@ class ResponseCapture:
 
     __slots__ = (
         "_assembler",
+        "_batch",
+        "_batch_bytes",
+        "_in_parser",
         "_limit",
+        "_max_event_bytes",
         "_parser",
         "_raw",
         "_raw_size",
+        "_sent",
+        "_split_any",
+        "_tail",
         "before_eof",
-        "bytes_sent",
         "first_byte_at",
         "sse",
         "write_error",
@@ -115,13 +150,15 @@ class ResponseCapture:
         self.sse = False
         self._parser: SSEParser | None = None
         self._assembler: ChatStreamAssembler | None = None
+        self._batch: list[bytes] | None = None
+        self._batch_bytes = 0
+        self._sent = 0
         if sse:
             self._start_sse()
         self._raw: list[bytes] = []
         self._raw_size = 0
         self.first_byte_at: float | None = None
         self.write_error: BaseException | None = None
-        self.bytes_sent = 0
         #: Awaited before the end of the body is sent (sync durability commits there, so
         #: the records are stored by the time the client has the whole reply).
         self.before_eof: Callable[[], Awaitable[None]] | None = None
@@ -156,7 +193,14 @@ class ResponseCapture:
                 except Exception:
                     # Recording must never cut off a reply the client is receiving.
                     log.exception("cannot record a streamed reply before its end")
-            await send_eof(data)
+            try:
+                await send_eof(data)
+            finally:
+                # The response stops reaching back to the tee: no reference cycle for the
+                # garbage collector to find (write_eof again, or a write, does as aiohttp does).
+                attrs = vars(response)
+                attrs.pop("write", None)
+                attrs.pop("write_eof", None)
 
         # Instance attributes shadow the methods for this one response only.
         response.write = write  # type: ignore[method-assign]
@@ -164,28 +208,86 @@ class ResponseCapture:
 
     def _start_sse(self) -> None:
         self.sse = True
-        self._parser = SSEParser(max_event_bytes=max(self._limit, 64 * 1024), keep_cut_events=True)
+        self._max_event_bytes = max(self._limit, 64 * 1024)
         # Text past the limit would be cut from the stored record anyway: not keeping it
         # bounds the memory a long reply takes while it streams.
         self._assembler = ChatStreamAssembler(max_raw_bytes=self._limit, max_text_chars=self._limit)
+        self._batch = []
+        # The start of an event still arriving, after the last event split.
+        self._tail = b""
+        # The parser holds part of an event: what follows must go through it.
+        self._in_parser = False
+        # Events were split already: the stream is past its start (and any BOM).
+        self._split_any = False
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sent + self._batch_bytes
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Take bytes that were sent some other way (a whole body)."""
-        self._feed(data)
-
-    def _feed(self, data: bytes | bytearray | memoryview) -> None:
-        self.bytes_sent += len(data)
-        if self._parser is not None and self._assembler is not None:
-            # Data only: no object per event on the path of every streamed write.
-            for event in self._parser.feed_data(data):
-                self._assembler.feed_data(event)
-        elif self._raw_size < self._limit:
+        batch = self._batch
+        if batch is not None:
+            # bytes as they are; a handler's reusable buffer is copied.
+            batch.append(data if type(data) is bytes else bytes(data))
+            self._batch_bytes += len(data)
+            if self._batch_bytes > _BATCH_BYTES:
+                self._split()
+            return
+        self._sent += len(data)
+        if self._raw_size < self._limit:
             chunk = bytes(data[: self._limit - self._raw_size])
             self._raw.append(chunk)
             self._raw_size += len(chunk)
 
+    _feed = feed  # one call per write, the hot path
+
+    def _split(self) -> None:
+        """Take the writes held so far: events out to the assembler, the rest kept."""
+        batch, assembler = self._batch, self._assembler
+        if not batch or assembler is None:
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        batch.clear()
+        self._sent += self._batch_bytes
+        self._batch_bytes = 0
+        if self._in_parser:
+            self._parse(data)
+            return
+        if self._tail:
+            data = self._tail + data
+        split = split_data_events(data, self._max_event_bytes)
+        if split is None:
+            self._tail = b""
+            self._parse(data)
+            return
+        payloads, tail = split
+        if payloads:
+            self._split_any = True
+            assembler.feed_payloads(payloads)
+        if len(tail) > _BATCH_BYTES:
+            # One event in many writes: the parser holds it without copying it again.
+            self._tail = b""
+            self._parse(tail)
+        else:
+            self._tail = tail
+
+    def _parse(self, data: bytes) -> None:
+        """What `split_data_events` cannot take, event by event."""
+        assert self._assembler is not None
+        parser = self._parser
+        if parser is None:
+            parser = SSEParser(max_event_bytes=self._max_event_bytes, keep_cut_events=True)
+            if self._split_any:
+                parser.feed_data(b"\n")  # a blank line: past the stream's start, no BOM
+            self._parser = parser
+        for event in parser.feed_data(data):
+            self._assembler.feed_data(event)
+        self._in_parser = not parser.between_events
+
     def result(self) -> CapturedBody:
         """What was sent so far, assembled (callable at any point, e.g. after a disconnect)."""
+        self._split()
         if self._assembler is None:
             text, truncated = body_text(b"".join(self._raw), self._limit)
             truncated = truncated or self.bytes_sent > self._limit
@@ -196,7 +298,7 @@ class ResponseCapture:
                 summary=_EMPTY_SUMMARY if truncated else completion_summary(whole),
                 reply=whole,
             )
-        assembled = self._assembler.result()
+        assembled = self._assembler.result(raw_events=False)
         # The completion would lack a cut event entirely: the events' prefix shows it.
         if (
             assembled.openai_shaped
@@ -204,13 +306,13 @@ class ResponseCapture:
             and not assembled.events_cut
         ):
             reply: Any = assembled.completion
-            text = _dumps_text(reply)
+            text = _dumps_tree(reply)
             choices = assembled.completion.get("choices") or [{}]
             message = choices[0].get("message") or {}
             content = message.get("content")
         else:
             reply = None
-            text = _dumps_text(assembled.raw_events)
+            text = _dumps_text(self._assembler.result().raw_events)
             content = None
         # JSON "\ud800" in a reply must not cost the call its record.
         text = one_replacement(text)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ("SSEEvent", "SSEParser", "TruncatedData")
+__all__ = ("SSEEvent", "SSEParser", "TruncatedData", "split_data_events")
 
 _BOM: Final = b"\xef\xbb\xbf"
 _LF: Final = 0x0A
@@ -223,6 +223,20 @@ class SSEParser:
             self._extend_partial(tail)
         return events
 
+    @property
+    def between_events(self) -> bool:
+        """Nothing of an event is held: the next byte fed starts a new one (past any BOM)."""
+        return not (
+            self._at_start
+            or self._cr_pending
+            or self._partial
+            or self._skipping
+            or self._data
+            or self._event_bytes
+            or self._event_type
+            or self._event_retry is not None
+        )
+
     def close(self) -> list[SSEEvent]:
         """End of the stream: discard any unterminated event, as the standard requires.
 
@@ -312,6 +326,35 @@ class SSEParser:
         )
         self._reset_event()
         return event
+
+
+def split_data_events(data: bytes, max_event_bytes: int) -> tuple[list[bytes], bytes] | None:
+    """A chat stream's usual shape split in a few calls, whatever the number of events.
+
+    When every complete event in `data` is a single `data: ` line (LF or CRLF line ends)
+    within `max_event_bytes`, returns each one's data, undecoded, and the rest of `data` (an
+    event still arriving, to be put in front of what comes next); else None, and an
+    `SSEParser` must take `data`. `data` starts where an event may start; at the start of a
+    stream a BOM makes it None. Decoded with replacement, the data are what
+    `SSEParser.feed_data` gives for the same bytes.
+    """
+    if data.find(b"\r") >= 0:
+        data = data.replace(b"\r\n", b"\n")
+        if data.find(b"\r") >= 0:  # a lone CR ends a line too: rare, the parser knows it
+            return None
+    end = data.rfind(b"\n\n") + 2
+    if end < 2:
+        return [], data
+    body = data[:end] if end < len(data) else data
+    if body[:6] != b"data: ":
+        return None
+    payloads = body[6:-2].split(b"\n\ndata: ")
+    # Every line break was in a separator: each event is one `data: ` line, then a blank one.
+    if b"".join(payloads).find(b"\n") >= 0:
+        return None
+    if len(body) > max_event_bytes and max(map(len, payloads)) + 6 > max_event_bytes:
+        return None
+    return payloads, data[end:]
 
 
 def _whole_chars(data: bytes) -> bytes:
