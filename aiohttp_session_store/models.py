@@ -265,6 +265,18 @@ class WriteBatch:
             + len(self.responses)
         )
 
+    def singles(self) -> list[WriteBatch]:
+        """One batch per item, in commit order (to salvage a batch one bad item refused)."""
+        return [
+            *(WriteBatch(sessions=[s]) for s in self.sessions),
+            *(WriteBatch(deleted_sessions=[d]) for d in self.deleted_sessions),
+            *(WriteBatch(requests=[r]) for r in self.requests),
+            *(WriteBatch(upstream_requests=[u]) for u in self.upstream_requests),
+            *(WriteBatch(responses=[r]) for r in self.responses),
+            *(WriteBatch(nodes=[n]) for n in self.nodes),
+            *(WriteBatch(changes=[c]) for c in self.changes),
+        ]
+
 
 _T = TypeVar("_T")
 

@@ -20,9 +20,9 @@ once instead of lingering: another instance learns of a turn only from its commi
 An optional `observer` (metrics) sees each record as it is handed over and the time each
 commit took; with none set, the cost is one attribute test per call.
 
-Slightly over the 400-line guide as one concern: the queue, its bounds in records and
-bytes, the batch it cuts and the commit loop that settles waiters share state that only
-makes sense together.
+Session state waiting for a commit lives in `pending_sessions`. Slightly over the 400-line
+guide as one concern: the record queue, its bounds in records and bytes, the batch it cuts
+and the commit loop that settles waiters share state that only makes sense together.
 """
 
 from __future__ import annotations
@@ -39,23 +39,13 @@ from typing import Final, NamedTuple, Protocol, TypeVar, Union
 from .backends.base import Backend
 from .errors import StoreWriteError
 from .models import LineageNode, RequestRecord, ResponseRecord, Session, SessionChange, WriteBatch
-from .session_cache import session_bytes, str_bytes
+from .pending_sessions import DELETED, PendingSessions, _Deleted
+from .session_cache import str_bytes
 
 __all__ = ("DELETED", "RecordWriter", "WriteObserver", "record_bytes")
 
 log: Final = logging.getLogger("aiohttp_session_store.writer")
 
-
-class _Deleted:
-    """Marks a session id whose deletion is pending (distinct from "not known here")."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "DELETED"
-
-
-DELETED: Final = _Deleted()
 
 _MAX_BACKOFF: Final = 1.0
 
@@ -118,11 +108,8 @@ class RecordWriter:
         self._close_timeout = close_timeout
         self._clock = clock
 
-        self._sessions: dict[str, Session | _Deleted] = {}
-        self._session_bytes = 0
-        # A shared store's session changes, one merged change per id (see `put_change`).
-        self._changes: dict[str, SessionChange] = {}
-        self._change_bytes = 0
+        # Session snapshots and a shared store's changes, pending and in flight.
+        self._sessions = PendingSessions(max_pending)
         # Records in the order they were handed over, with their sequence number and size:
         # a batch is a prefix of it, so a request is never committed after its response.
         self._queue: deque[tuple[int, _Item, int]] = deque()
@@ -130,9 +117,7 @@ class RecordWriter:
         self._queued_bytes = 0
         self._oldest = 0.0  # when the oldest item not yet taken was handed over (0: none)
         self._backlog = False  # items left over by the last batch's byte bound
-        # What the current commit holds, so reads still see it while the commit runs.
-        self._inflight_sessions: dict[str, Session | _Deleted] = {}
-        self._inflight_changes: dict[str, SessionChange] = {}
+        # What the current commit holds (its sessions: in `_sessions`).
         self._inflight_records = 0
         self._inflight_bytes = 0
 
@@ -163,7 +148,7 @@ class RecordWriter:
     @property
     def pending_bytes(self) -> int:
         """Bytes held for records and session changes not yet committed (in-flight included)."""
-        return self._queued_bytes + self._inflight_bytes + self._session_bytes + self._change_bytes
+        return self._queued_bytes + self._inflight_bytes + self._sessions.bytes
 
     def _drop(self, why: str) -> None:
         self.records_dropped += 1
@@ -195,23 +180,14 @@ class RecordWriter:
 
     def put_session(self, session: Session) -> None:
         """Queue a full snapshot of a session (the newest snapshot of an id wins)."""
-        size = session_bytes(session)
-        old = self._sessions.get(session.id)
-        if old is None and len(self._sessions) >= self._max_pending:
+        if not self._sessions.put_snapshot(session):
             self.records_dropped += 1
             return
-        if isinstance(old, Session):
-            self._session_bytes -= session_bytes(old)
         self._handed_over()
-        self._sessions[session.id] = session
-        self._session_bytes += size
 
     def delete_session(self, session_id: str) -> None:
-        old = self._sessions.get(session_id)
-        if isinstance(old, Session):
-            self._session_bytes -= session_bytes(old)
+        self._sessions.delete(session_id)
         self._handed_over()
-        self._sessions[session_id] = DELETED
 
     def put_change(self, change: SessionChange) -> bool:
         """Queue a shared store's session change, merged with the id's pending one.
@@ -219,20 +195,9 @@ class RecordWriter:
         False when the queue is full for a new id (the caller then writes the change
         itself): unlike a record, a turn is never dropped.
         """
-        session_id = change.session.id
-        old = self._changes.get(session_id)
-        size = session_bytes(change.session)
-        if old is None:
-            if len(self._changes) >= self._max_pending:
-                return False
-            if self.pending_bytes + size > self._max_pending_bytes:
-                return False
-        else:
-            self._change_bytes -= session_bytes(old.session)
-            change = old.then(change)
+        if not self._sessions.put_change(change, self._max_pending_bytes - self.pending_bytes):
+            return False
         self._handed_over()
-        self._changes[session_id] = change
-        self._change_bytes += size
         self._turn_handed_over()
         return True
 
@@ -243,13 +208,11 @@ class RecordWriter:
 
     def change_of(self, session_id: str) -> SessionChange | None:
         """The newest change of a session not known to be committed (pending or in flight)."""
-        found = self._changes.get(session_id)
-        return found if found is not None else self._inflight_changes.get(session_id)
+        return self._sessions.change_of(session_id)
 
     def pending_turns(self, session_id: str) -> int:
         """Turns of a session queued and not yet sent: no row read from the database has them."""
-        found = self._changes.get(session_id)
-        return 0 if found is None else found.turns
+        return self._sessions.pending_turns(session_id)
 
     def _observe(self, notify: Callable[[_T], None], value: _T) -> None:
         try:
@@ -286,10 +249,7 @@ class RecordWriter:
 
     def lookup(self, session_id: str) -> Session | _Deleted | None:
         """The newest uncommitted state of a session: a snapshot, DELETED, or None."""
-        found = self._sessions.get(session_id)
-        if found is None:
-            found = self._inflight_sessions.get(session_id)
-        return found
+        return self._sessions.lookup(session_id)
 
     # -- committing ------------------------------------------------------------------
 
@@ -343,19 +303,10 @@ class RecordWriter:
 
     def _take(self) -> tuple[WriteBatch, int]:
         """The next batch: every session change, and records up to `max_batch_bytes`."""
-        batch = WriteBatch(
-            sessions=[s for s in self._sessions.values() if isinstance(s, Session)],
-            deleted_sessions=[k for k, s in self._sessions.items() if s is DELETED],
-        )
-        batch.changes = list(self._changes.values())
+        sessions, deleted, changes = self._sessions.take()
+        batch = WriteBatch(sessions=sessions, deleted_sessions=deleted)
+        batch.changes = changes
         self._prompt = False
-        self._inflight_sessions = self._sessions
-        self._inflight_changes = self._changes
-        self._inflight_bytes = self._session_bytes + self._change_bytes
-        self._sessions = {}
-        self._session_bytes = 0
-        self._changes = {}
-        self._change_bytes = 0
         queue, taken, size = self._queue, 0, 0
         while queue and (taken == 0 or size + queue[0][2] <= self._max_batch_bytes):
             _, item, item_size = queue.popleft()
@@ -372,7 +323,7 @@ class RecordWriter:
         self._queued_records -= taken
         self._queued_bytes -= size
         self._inflight_records = taken
-        self._inflight_bytes += size
+        self._inflight_bytes = size
         self._oldest = 0.0
         if queue:
             # What is left has waited already: commit it next, without lingering.
@@ -411,8 +362,7 @@ class RecordWriter:
             batch, upto = self._take()
             if len(batch):
                 await self._commit(batch)
-            self._inflight_sessions = {}
-            self._inflight_changes = {}
+            self._sessions.settled()
             self._inflight_records = 0
             self._inflight_bytes = 0
             self._settle(upto)
@@ -459,16 +409,7 @@ class RecordWriter:
         log.error(
             "a batch of %d items was refused (%s); committing item by item", len(batch), first
         )
-        singles = [
-            *(WriteBatch(sessions=[s]) for s in batch.sessions),
-            *(WriteBatch(deleted_sessions=[d]) for d in batch.deleted_sessions),
-            *(WriteBatch(requests=[r]) for r in batch.requests),
-            *(WriteBatch(upstream_requests=[u]) for u in batch.upstream_requests),
-            *(WriteBatch(responses=[r]) for r in batch.responses),
-            *(WriteBatch(nodes=[n]) for n in batch.nodes),
-            *(WriteBatch(changes=[c]) for c in batch.changes),
-        ]
-        for single in singles:
+        for single in batch.singles():
             try:
                 await self._backend.write_batch(single)
             except asyncio.CancelledError:
