@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .assembler import AssembledStream, ChatStreamAssembler, CompletionSummary, completion_summary
+from .assembler import AssembledStream, ChatStreamAssembler
+from .completion import CompletionSummary, completion_summary
 from .config import StoreConfig
 from .errors import (
     BackendUnavailableError,

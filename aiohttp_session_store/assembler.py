@@ -6,10 +6,9 @@ content and reasoning joined, tool calls assembled by index, each choice's own f
 and the usage when the stream carried one. `completion_summary` reads the token counts and
 finish_reason off such an object, whichever way it was obtained.
 
-Over the 400-line guide as one concern: the merge rules per field, the byte budget every
-kept part is charged to, and the hot paths events take (`feed_data` one at a time,
-`feed_payloads` a batch, with runs of repeated chunks merged at once) are one state machine
-whose parts only make sense together.
+Here: the paths events take (`feed_data` one at a time, `feed_payloads` a batch, runs of
+repeated chunks merged at once) and the raw events kept; the per-choice state and merge
+rules are in `choice_state`, `completion_summary` and `json_loads` in `completion`.
 
 Public API (`from aiohttp_session_store import ChatStreamAssembler, SSEParser`): to learn
 what a streamed reply said, e.g. to store or forward the whole text::
@@ -26,13 +25,12 @@ what a streamed reply said, e.g. to store or forward the whole text::
 
 from __future__ import annotations
 
-import importlib
-import json
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .chunk_runs import probe, run_values, token_span
+from .choice_state import HEADER_KEYS, Budget, Choice, build_completion, text_target
+from .chunk_runs import run_values, template
+from .completion import CompletionSummary, as_count, completion_summary, json_loads
 from .sse import SSEEvent, TruncatedData
 
 __all__ = (
@@ -43,26 +41,6 @@ __all__ = (
     "json_loads",
 )
 
-_fast_loads: Callable[[str | bytes], Any] | None
-try:  # the "speed" extra: several times faster on the small objects of a stream
-    _fast_loads = importlib.import_module("orjson").loads
-except ImportError:  # pragma: no cover - depends on the environment
-    _fast_loads = None
-
-
-def json_loads(text: str | bytes) -> Any:
-    """json.loads(text), by orjson when it is installed and agrees.
-
-    What orjson refuses and json takes (NaN, lone surrogates, huge integers) goes to the
-    stdlib, so what is assembled never depends on which parser ran.
-    """
-    if _fast_loads is not None:
-        try:
-            return _fast_loads(text)
-        except ValueError:
-            pass
-    return json.loads(text)
-
 
 def _is_utf8(data: bytes) -> bool:
     if data.isascii():
@@ -72,71 +50,6 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-# The delta fields whose text a choice joins, and the list each goes to.
-_TEXT_FIELDS = {
-    "content": "content",
-    "reasoning_content": "reasoning",
-    "reasoning": "reasoning",
-    "refusal": "refusal",
-}
-
-# Copied from the first chunk that has them; the rest of a chunk's top level is per-chunk.
-_HEADER_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
-
-
-@dataclass(slots=True)
-class CompletionSummary:
-    """The columns a response record takes from a completion: token counts, finish_reason."""
-
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    finish_reason: str | None
-
-
-def _count(value: object) -> int | None:
-    # bool is an int subclass, but `true` is not a token count.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return None
-
-
-def _choice_zero(choices: object) -> Mapping[str, Any] | None:
-    if not isinstance(choices, list):
-        return None
-    first: Mapping[str, Any] | None = None
-    for choice in choices:
-        if not isinstance(choice, (dict, Mapping)):
-            continue
-        if _count(choice.get("index")) == 0:
-            return choice
-        if first is None:
-            first = choice
-    return first
-
-
-def completion_summary(body: object) -> CompletionSummary:
-    """Token counts from `body["usage"]` and the finish_reason of choice 0 (else the first).
-
-    `body` is a parsed JSON reply and may be anything: whatever is missing or of the wrong
-    type reads as None, never as an error. A count of 0 stays 0.
-    """
-    # dict first: an exact type check, where Mapping alone is an ABC lookup.
-    if not isinstance(body, (dict, Mapping)):
-        return CompletionSummary(None, None, None, None)
-    usage = body.get("usage")
-    if not isinstance(usage, (dict, Mapping)):
-        usage = {}
-    choice = _choice_zero(body.get("choices"))
-    finish_reason = choice.get("finish_reason") if choice is not None else None
-    return CompletionSummary(
-        prompt_tokens=_count(usage.get("prompt_tokens")),
-        completion_tokens=_count(usage.get("completion_tokens")),
-        total_tokens=_count(usage.get("total_tokens")),
-        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
-    )
 
 
 @dataclass(slots=True)
@@ -161,206 +74,6 @@ class AssembledStream:
     #: An event came cut (`SSEEvent.truncated`): `completion` lacks it, `raw_events` ends
     #: with what of it fitted.
     events_cut: bool = False
-
-
-#: Characters of budget per choice or tool call a stream may open (each is an object of
-#: its own, counted apart from the text so a small budget still holds a few).
-_PART_COST = 64
-
-
-class _Budget:
-    """How much (in characters) a stream may still add to its assembled reply.
-
-    Shared by every choice of one stream and charged for everything kept (text, logprobs,
-    each new choice and tool call), so a reply longer than the store will keep can never
-    grow the proxy's memory without bound; usage and finish reasons still arrive.
-    """
-
-    __slots__ = ("exhausted", "left", "parts_left")
-
-    def __init__(self, chars: int | None) -> None:
-        self.left = chars
-        self.parts_left = None if chars is None else max(8, chars // _PART_COST)
-        self.exhausted = False
-
-    def open_part(self) -> bool:
-        """May the stream open one more choice or tool call?"""
-        if self.parts_left is None:
-            return True
-        if self.parts_left <= 0:
-            self.exhausted = True
-            return False
-        self.parts_left -= 1
-        return True
-
-    def take(self, text: str) -> bool:
-        return self.charge(len(text))
-
-    def charge(self, size: int) -> bool:
-        if self.left is None:
-            return True
-        if size > self.left:
-            self.exhausted = True
-            self.left = 0
-            return False
-        self.left -= size
-        return True
-
-
-class _ToolCall:
-    __slots__ = ("arguments", "id", "name", "type")
-
-    def __init__(self) -> None:
-        self.id: str | None = None
-        self.type: str | None = None
-        self.name: list[str] = []
-        self.arguments: list[str] = []
-
-
-class _Choice:
-    __slots__ = (
-        "budget",
-        "content",
-        "finish_reason",
-        "function_arguments",
-        "function_call",
-        "function_name",
-        "logprobs",
-        "reasoning",
-        "refusal",
-        "role",
-        "tool_calls",
-    )
-
-    def __init__(self, budget: _Budget) -> None:
-        self.budget = budget
-        self.role: str | None = None
-        # Non-empty once any content delta came, even "": that is how None and "" differ.
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.refusal: list[str] = []
-        self.tool_calls: dict[int, _ToolCall] = {}
-        self.function_call = False
-        self.function_name: list[str] = []
-        self.function_arguments: list[str] = []
-        self.finish_reason: str | None = None
-        self.logprobs: dict[str, Any] | None = None
-
-    def merge(self, delta: Mapping[str, Any]) -> None:
-        if not delta:  # the finish chunk's
-            return
-        role = delta.get("role")
-        if self.role is None and isinstance(role, str) and role:
-            self.role = role
-        content = delta.get("content")
-        if isinstance(content, str) and self.budget.take(content):
-            self.content.append(content)
-        # Some servers send the same text under both names; take one so it is not doubled.
-        reasoning = delta.get("reasoning_content")
-        if not isinstance(reasoning, str):
-            reasoning = delta.get("reasoning")
-        if isinstance(reasoning, str) and self.budget.take(reasoning):
-            self.reasoning.append(reasoning)
-        refusal = delta.get("refusal")
-        if isinstance(refusal, str) and self.budget.take(refusal):
-            self.refusal.append(refusal)
-        tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
-            for position, call in enumerate(tool_calls):
-                if isinstance(call, dict):
-                    self._merge_tool_call(position, call)
-        function_call = delta.get("function_call")
-        if isinstance(function_call, dict):
-            self.function_call = True
-            name = function_call.get("name")
-            if isinstance(name, str) and self.budget.take(name):
-                self.function_name.append(name)
-            arguments = function_call.get("arguments")
-            if isinstance(arguments, str) and self.budget.take(arguments):
-                self.function_arguments.append(arguments)
-
-    def _merge_tool_call(self, position: int, call: Mapping[str, Any]) -> None:
-        index = _count(call.get("index"))
-        call_id = call.get("id")
-        if index is None:
-            # No index (some non-OpenAI servers): a new id opens a call, else it continues
-            # the latest one; a lone first delta falls back to its position in the list.
-            if isinstance(call_id, str) and all(c.id != call_id for c in self.tool_calls.values()):
-                index = max(self.tool_calls, default=position - 1) + 1
-            elif self.tool_calls:
-                index = max(self.tool_calls)
-            else:
-                index = position
-        state = self.tool_calls.get(index)
-        if state is None:
-            if not self.budget.open_part():
-                return
-            state = self.tool_calls[index] = _ToolCall()
-        if state.id is None and isinstance(call_id, str) and call_id:
-            state.id = call_id
-        call_type = call.get("type")
-        if state.type is None and isinstance(call_type, str) and call_type:
-            state.type = call_type
-        function = call.get("function")
-        if isinstance(function, Mapping):
-            name = function.get("name")
-            if isinstance(name, str) and self.budget.take(name):
-                state.name.append(name)
-            arguments = function.get("arguments")
-            if isinstance(arguments, str) and self.budget.take(arguments):
-                state.arguments.append(arguments)
-
-    def merge_logprobs(self, logprobs: Mapping[str, Any], size: int) -> None:
-        """Add a chunk's logprobs; `size` is what they cost the budget (their JSON's bound)."""
-        # Each chunk carries the logprobs of its own tokens: the lists concatenate.
-        if self.budget.exhausted or not self.budget.charge(size):
-            return
-        if self.logprobs is None:
-            self.logprobs = {}
-        for key, value in logprobs.items():
-            held = self.logprobs.get(key)
-            if isinstance(value, list) and isinstance(held, list):
-                held.extend(value)
-            elif isinstance(value, list):
-                self.logprobs[key] = list(value)
-            elif value is not None or key not in self.logprobs:
-                self.logprobs[key] = value
-
-    def build(self, index: int) -> dict[str, Any]:
-        message: dict[str, Any] = {
-            "role": self.role or "assistant",
-            "content": "".join(self.content) if self.content else None,
-        }
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
-        if self.refusal:
-            message["refusal"] = "".join(self.refusal)
-        if self.tool_calls:
-            message["tool_calls"] = [
-                {
-                    "id": call.id,
-                    "type": call.type or "function",
-                    "function": {"name": "".join(call.name), "arguments": "".join(call.arguments)},
-                }
-                for _, call in sorted(self.tool_calls.items())
-            ]
-        if self.function_call:
-            message["function_call"] = {
-                "name": "".join(self.function_name),
-                "arguments": "".join(self.function_arguments),
-            }
-        choice: dict[str, Any] = {
-            "index": index,
-            "message": message,
-            "finish_reason": self.finish_reason,
-        }
-        if self.logprobs is not None:
-            # A copy: the lists keep growing if the stream goes on after this result.
-            choice["logprobs"] = {
-                key: list(value) if isinstance(value, list) else value
-                for key, value in self.logprobs.items()
-            }
-        return choice
 
 
 class ChatStreamAssembler:
@@ -401,7 +114,7 @@ class ChatStreamAssembler:
             raise ValueError("max_raw_events and max_raw_bytes cannot be negative")
         if max_text_chars is not None and max_text_chars < 0:
             raise ValueError("max_text_chars cannot be negative")
-        self._budget = _Budget(max_text_chars)
+        self._budget = Budget(max_text_chars)
         self._max_raw_events = max_raw_events
         self._max_raw_bytes = max_raw_bytes
         self._raw: list[str | bytes] = []
@@ -413,12 +126,12 @@ class ChatStreamAssembler:
         self._error: Any | None = None
         self._header: dict[str, Any] = {}
         # The header keys no chunk has carried yet: only these are looked up.
-        self._header_missing: tuple[str, ...] = _HEADER_KEYS
+        self._header_missing: tuple[str, ...] = HEADER_KEYS
         self._usage: dict[str, Any] | None = None
-        self._choices: dict[int, _Choice] = {}
+        self._choices: dict[int, Choice] = {}
         # The chunk later ones repeat but for their text (see chunk_runs): its bytes around
         # that text, the list the text goes to, and the budget it is charged to.
-        self._repeat: tuple[bytes, bytes, list[str], _Budget] | None = None
+        self._repeat: tuple[bytes, bytes, list[str], Budget] | None = None
         # Templates learned that no chunk has repeated yet: a stream whose chunks never
         # repeat stops paying for learning them.
         self._repeat_tries = 8
@@ -467,7 +180,7 @@ class ChatStreamAssembler:
                 run = run_values(payloads, i, repeat[0], repeat[1], joined, at)
                 if run is not None and run[0]:
                     values, at = run
-                    self._merge_run(values, repeat[2], repeat[3])
+                    repeat[3].extend(repeat[2], values)
                     self._repeat_tries = 8
                     i += len(values)
                     continue
@@ -509,82 +222,20 @@ class ChatStreamAssembler:
         for payload in payloads:
             self._keep_raw(payload.decode("utf-8", "replace"))
 
-    def _merge_run(self, values: list[Any], target: list[str], budget: _Budget) -> None:
-        size = sum(map(len, values))
-        if budget.left is None or size <= budget.left:
-            if budget.left is not None:
-                budget.left -= size
-            target.extend(values)
-            return
-        for value in values:
-            if budget.take(value):
-                target.append(value)
-
     def _learn_repeat(self, payload: bytes, chunk: dict[str, Any]) -> bool:
         """Take `chunk` (not merged) as the one later chunks repeat, if its only effect is text."""
-        found = self._text_target(chunk)
+        if not self._openai_shaped:
+            return False
+        found = text_target(chunk, self._choices, self._header_missing)
         if found is None or not found[1]:
             return False
         target, text, key = found
-        span = token_span(payload, text)
+        span = template(payload, text, key)
         if span is None:
             return False
-        prefix, suffix = span
-        # The string found must be the one that carries the text, not an equal one beside
-        # it: written another way, it changes the text and nothing else.
-        other, value = probe(prefix, suffix, text)
-        try:
-            probed = json_loads(other)["choices"][0]["delta"][key]
-        except (ValueError, RecursionError, LookupError, TypeError):
-            return False
-        if probed != value:
-            return False
         self._repeat_tries -= 1
-        self._repeat = (prefix, suffix, target, self._budget)
+        self._repeat = (span[0], span[1], target, self._budget)
         return True
-
-    def _text_target(self, chunk: Any) -> tuple[list[str], str, str] | None:
-        """(list, text, key) when merging `chunk` would only add `text` to one choice's list.
-
-        `key` is the delta field that carries it.
-        """
-        if not self._openai_shaped or type(chunk) is not dict:
-            return None
-        choices = chunk.get("choices")
-        if type(choices) is not list or len(choices) != 1 or chunk.get("error") is not None:
-            return None
-        if type(chunk.get("usage")) is dict:
-            return None
-        for key in self._header_missing:
-            if chunk.get(key) is not None:
-                return None
-        choice = choices[0]
-        if type(choice) is not dict:
-            return None
-        delta = choice.get("delta")
-        if (
-            type(delta) is not dict
-            or isinstance(choice.get("finish_reason"), str)
-            or isinstance(choice.get("logprobs"), dict)
-        ):
-            return None
-        state = self._choices.get(_count(choice.get("index")) or 0)
-        if state is None:
-            return None
-        found: tuple[list[str], str, str] | None = None
-        for key, value in delta.items():
-            if value is None:
-                continue
-            if key == "role":
-                # Taken from the first chunk that has one: after that, no effect.
-                if state.role is None and isinstance(value, str) and value:
-                    return None
-                continue
-            target = _TEXT_FIELDS.get(key)
-            if found is not None or target is None or not isinstance(value, str):
-                return None
-            found = (getattr(state, target), value, key)
-        return found
 
     def _merge_text(self, data: str) -> None:
         parsed = self._parse_chunk(data)
@@ -640,7 +291,11 @@ class ChatStreamAssembler:
         `raw_events=False` leaves `raw_events` empty, for a caller that reads them only when
         the stream was not a chat completion (and then asks again).
         """
-        completion = self._build() if self._openai_shaped else None
+        completion = (
+            build_completion(self._header, self._choices, self._usage)
+            if self._openai_shaped
+            else None
+        )
         return AssembledStream(
             openai_shaped=self._openai_shaped,
             completion=completion,
@@ -685,7 +340,7 @@ class ChatStreamAssembler:
                     header[key] = value
                     found = True
             if found:
-                self._header_missing = tuple(k for k in _HEADER_KEYS if k not in header)
+                self._header_missing = tuple(k for k in HEADER_KEYS if k not in header)
         usage = chunk.get("usage")
         # Some servers repeat a cumulative usage on every chunk: the last one is the total.
         if isinstance(usage, dict):
@@ -697,14 +352,14 @@ class ChatStreamAssembler:
         for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 continue
-            index = _count(choice.get("index"))
+            index = as_count(choice.get("index"))
             if index is None:
                 index = position
             state = self._choices.get(index)
             if state is None:
                 if not self._budget.open_part():
                     continue
-                state = self._choices[index] = _Choice(self._budget)
+                state = self._choices[index] = Choice(self._budget)
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 # A server that sends its whole reply as one unstreamed object in the stream.
@@ -740,26 +395,8 @@ class ChatStreamAssembler:
             state.content.append(content)
         return True
 
-    def _choice_zero(self) -> _Choice | None:
+    def _choice_zero(self) -> Choice | None:
         choice = self._choices.get(0)
         if choice is None and self._choices:
             choice = self._choices[min(self._choices)]
         return choice
-
-    def _build(self) -> dict[str, Any]:
-        header = self._header
-        completion: dict[str, Any] = {
-            "id": header.get("id"),
-            "object": "chat.completion",
-            "created": header.get("created"),
-            "model": header.get("model"),
-        }
-        for key in ("system_fingerprint", "service_tier"):
-            if key in header:
-                completion[key] = header[key]
-        completion["choices"] = [
-            choice.build(index) for index, choice in sorted(self._choices.items())
-        ]
-        if self._usage is not None:
-            completion["usage"] = dict(self._usage)
-        return completion

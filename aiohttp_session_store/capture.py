@@ -24,7 +24,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .assembler import ChatStreamAssembler, CompletionSummary, completion_summary, json_loads
+from .assembler import ChatStreamAssembler
+from .completion import CompletionSummary, completion_summary, json_loads
 from .sse import SSEParser, split_data_events
 
 __all__ = (

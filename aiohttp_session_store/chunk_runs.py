@@ -24,7 +24,9 @@ from itertools import accumulate
 from operator import add, itemgetter
 from typing import Any, Final
 
-__all__ = ("loads", "probe", "run_values", "token_span")
+from .completion import json_loads
+
+__all__ = ("loads", "probe", "run_values", "template", "token_span")
 
 loads: Callable[[bytes], Any]
 try:
@@ -63,6 +65,23 @@ def probe(prefix: bytes, suffix: bytes, value: str) -> tuple[bytes, str]:
     """A chunk like the known one with another string in its place, and that string."""
     other = "@@" if value == "@" else "@"
     return prefix + b'"' + other.encode() + b'"' + suffix, other
+
+
+def template(payload: bytes, text: str, key: str) -> tuple[bytes, bytes] | None:
+    """(prefix, suffix) around `text` in `payload`, a chunk whose choice 0 carries it in
+    `delta[key]`; None if the string found there may not be that one."""
+    span = token_span(payload, text)
+    if span is None:
+        return None
+    prefix, suffix = span
+    # The string found must be the one that carries the text, not an equal one beside
+    # it: written another way, it changes the text and nothing else.
+    other, value = probe(prefix, suffix, text)
+    try:
+        probed = json_loads(other)["choices"][0]["delta"][key]
+    except (ValueError, RecursionError, LookupError, TypeError):
+        return None
+    return span if probed == value else None
 
 
 def run_values(

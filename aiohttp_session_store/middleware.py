@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aiohttp import web
 
-from .assembler import json_loads
 from .capture import CapturedBody, ResponseCapture, response_body
+from .completion import json_loads
 from .config import StoreConfig
 from .errors import InvalidSessionIdError, StoreError
 from .manager import CALL_COMMITS, SessionManager
