@@ -4,7 +4,8 @@ The manager checks arguments, keeps the counters, the writer, the sweeper and th
 lifecycle; how sessions are stored is one strategy chosen at construction from the
 backend (see `strategies`): write-behind for a store one process owns; for a shared one,
 one awaited statement per call with turns written behind by atomic SQL (`shared_behind`),
-or every change awaited in sync durability.
+or every change awaited in sync durability. At the 400-line guide: the 18 methods are one
+public surface, each a few lines over the strategy.
 """
 
 from __future__ import annotations
