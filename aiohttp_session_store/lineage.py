@@ -191,6 +191,9 @@ def chain_hashes(messages: Sequence[object], scope: str) -> list[bytes] | None:
 _LINK_OVERHEAD: Final = 320
 
 
+_CHAT_ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
 class ChainLinks:
     """Chain links already computed, h(k-1) and a plain message -> h(k); bounded in bytes.
 
@@ -218,7 +221,7 @@ class ChainLinks:
         if found is not None:
             return found[0]
         digest = hashlib.sha256(previous + _plain(role, content)).digest()
-        size = _LINK_OVERHEAD + str_bytes(content)
+        size = _LINK_OVERHEAD + str_bytes(role) + str_bytes(content)
         if size <= self.max_bytes:
             links = self._links
             links[key] = (digest, size)
@@ -232,7 +235,9 @@ class ChainLinks:
         if type(message) is dict and len(message) == 2:
             role = message.get("role")
             content = message.get("content")
-            if type(role) is str and role and type(content) is str:
+            # Only the roles of the chat format: any other role string (a client's, of any
+            # size) is hashed without being remembered.
+            if type(role) is str and role in _CHAT_ROLES and type(content) is str:
                 return self._plain_link(previous, role, content)
         return extend(previous, message)
 

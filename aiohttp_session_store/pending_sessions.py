@@ -67,15 +67,23 @@ class PendingSessions:
         session_id = change.session.id
         old = self._changes.get(session_id)
         size = session_bytes(change.session)
-        if old is None:
-            if len(self._changes) >= self._max_entries or size > room:
+        if old is None or old.session.created_at != change.session.created_at:
+            # New, or about a row since replaced (expired, created again): its turns
+            # belong to no row that exists, so they are not added to the new one's.
+            if old is None and (len(self._changes) >= self._max_entries or size > room):
                 return False
         else:
-            self._bytes -= session_bytes(old.session)
             change = old.then(change)
+        if old is not None:
+            self._bytes -= session_bytes(old.session)
         self._changes[session_id] = change
         self._bytes += size
         return True
+
+    @property
+    def changes_held(self) -> int:
+        """Session changes not yet known to be committed (pending and in flight)."""
+        return len(self._changes) + len(self._inflight_changes)
 
     def lookup(self, session_id: str) -> Session | _Deleted | None:
         """The newest uncommitted snapshot of a session, DELETED, or None."""

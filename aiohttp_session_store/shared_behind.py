@@ -77,10 +77,10 @@ class SharedBehindStrategy(DirectStrategy):
 
     def _live(self, session_id: str, now: int) -> Session | None:
         """The session as this instance last saw it, if it was live then and still is."""
+        # Only what `known` holds: `_queue` keeps each change's session there, and `delete`
+        # and `swept` take it out, so a change still held for a deleted session (a writer
+        # busy or failing) can never make a later turn look accepted and then match no row.
         session = self.known.get(session_id)
-        if session is None:
-            change = self.writer.change_of(session_id)
-            session = change.session if change is not None else None
         if session is None or session.is_expired(now) or not self.writer.running:
             return None
         return session

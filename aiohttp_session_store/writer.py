@@ -291,8 +291,14 @@ class RecordWriter:
             await asyncio.wait_for(self.flush(), self._close_timeout)
         except (asyncio.TimeoutError, StoreWriteError, RuntimeError):
             lost = self.pending + self._inflight_records
-            if lost:
-                log.error("closing with %d records not committed (storage failing)", lost)
+            turns = self._sessions.changes_held
+            if lost or turns:
+                log.error(
+                    "closing with %d records and %d session changes not committed"
+                    " (storage failing)",
+                    lost,
+                    turns,
+                )
                 self.records_dropped += lost
         task, self._task = self._task, None
         task.cancel()

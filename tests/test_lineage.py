@@ -337,3 +337,24 @@ async def test_lineage_retention_forgets_old_points(tmp_path: Path) -> None:
         assert manager.lineage_purged == 1
         assert await manager.lineage.find(["a"]) is None
         assert await manager.lineage.find(["b"]) is not None
+
+
+def test_a_role_outside_the_chat_format_is_hashed_but_never_remembered() -> None:
+    # A client's role string can be of any size: remembering it would hold bytes that the
+    # bound does not see. The digest is the same either way.
+    links = ChainLinks(max_bytes=100_000)
+    previous = root("")
+    for i in range(20):
+        message = {"role": "u" * 100_000 + str(i), "content": ""}
+        assert links.extend(previous, message) == extend(previous, message)
+    assert (len(links), links.bytes) == (0, 0)
+
+
+def test_a_remembered_link_counts_its_role_and_its_text() -> None:
+    counted = {}
+    for role in ("assistant", "user"):
+        links = ChainLinks(max_bytes=100_000)
+        links.extend(root(""), {"role": role, "content": "x" * 1_000})
+        counted[role] = links.bytes
+    assert counted["assistant"] - counted["user"] == len("assistant") - len("user")
+    assert counted["user"] > 1_000

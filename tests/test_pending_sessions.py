@@ -71,3 +71,15 @@ def test_taken_state_stays_visible_in_flight_until_settled() -> None:
     assert p.change_of("c") is None
     assert p.lookup("b") is None
     assert p.bytes == session_bytes(session("a", "p9"))
+
+
+def test_a_change_about_a_replaced_row_is_not_merged_into_the_new_one() -> None:
+    p = PendingSessions(max_entries=10)
+    assert p.put_change(change("a", "old", turns=2), room=1 << 20)
+    replaced = Session("a", "chat", "new", "hi", 0, 50, 50, 300)  # created again at 50
+    assert p.put_change(SessionChange(replaced, 1, True, False, 50, 300), room=0)
+    held = p.change_of("a")
+    assert held is not None
+    assert (held.session.created_at, held.turns, held.session.parent_id) == (50, 1, "new")
+    assert p.bytes == session_bytes(replaced)
+    assert p.changes_held == 1

@@ -40,6 +40,19 @@ def backend_of(schema: str) -> PostgresBackend:
     return PostgresBackend(PG_DSN, schema=schema, max_size=4)
 
 
+class GatedBackend(PostgresBackend):
+    """PostgreSQL whose batches wait for `gate` before they commit."""
+
+    def __init__(self, schema: str) -> None:
+        super().__init__(PG_DSN, schema=schema, max_size=4)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def write_batch(self, batch: WriteBatch) -> None:
+        await self.gate.wait()
+        await super().write_batch(batch)
+
+
 def count_statements(backend: PostgresBackend) -> list[str]:
     """Names of the tasks that sent each statement from now on (the writer's excluded)."""
     sent: list[str] = []
@@ -144,14 +157,16 @@ async def test_sync_durability_still_awaits_every_change(client_for: Any) -> Non
 async def test_the_handler_sees_its_own_turn_before_the_commit(pg_schema: str) -> None:
     clock = FakeClock()
     config = StoreConfig(session_timeout=TIMEOUT, clock=clock, flush_interval=3600)
-    async with SessionManager(backend_of(pg_schema), config=config) as m:
+    backend = GatedBackend(pg_schema)
+    async with SessionManager(backend, config=config) as m:
         s = await m.resolve_session("s1", "hello")
         assert s.is_new
+        backend.gate.clear()  # the writer takes the turns but cannot commit them yet
         assert await m.set_chat_id("s1", "chat-a")
         assert await m.update_parent_id("s1", "p1")
         clock.advance(0.01)
         assert await m.update_parent_id("s1", "p2")
-        # The database has none of it yet (the writer lingers an hour) ...
+        # The database has none of it yet ...
         row = await m.backend.get_session("s1")
         assert row is not None
         assert (row.message_count, row.parent_id, row.chat_id) == (0, None, None)
@@ -161,6 +176,7 @@ async def test_the_handler_sees_its_own_turn_before_the_commit(pg_schema: str) -
             assert seen is not None
             assert (seen.message_count, seen.parent_id, seen.chat_id) == (2, "p2", "chat-a")
             assert not seen.is_new
+        backend.gate.set()
         await m.writer.flush()
         row = await m.backend.get_session("s1")
         assert row is not None
@@ -297,3 +313,51 @@ async def test_batched_slides_do_not_wait_for_the_wal_flush(pg_schema: str) -> N
             assert await conn.fetchval("SHOW synchronous_commit") == "on"  # not left behind
     finally:
         await conn.close()
+
+
+@pytest.mark.postgres
+async def test_records_failing_after_the_turns_committed_do_not_count_them_twice(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp_session_store.backends.sql import SQLBackend
+    from aiohttp_session_store.errors import StoreUnavailableError
+
+    records = SQLBackend.write_batch
+    failures: list[int] = []
+
+    async def fail_once(self: SQLBackend, batch: WriteBatch) -> None:
+        if not failures:
+            failures.append(len(batch))
+            raise StoreUnavailableError("the records' transaction failed (simulated)")
+        await records(self, batch)
+
+    config = StoreConfig(session_timeout=TIMEOUT, flush_interval=3600)
+    async with SessionManager(backend_of(pg_schema), config=config) as m:
+        await m.resolve_session("s1", "hello")
+        await m.writer.flush()
+        monkeypatch.setattr(SQLBackend, "write_batch", fail_once)
+        assert await m.update_parent_id("s1", "p1")
+        await m.writer.flush()  # the turn commits, the records fail, the batch is retried
+        assert failures
+        row = await m.backend.get_session("s1")
+        assert row is not None
+        assert (row.message_count, row.parent_id) == (1, "p1")
+
+
+@pytest.mark.postgres
+async def test_a_turn_on_a_session_deleted_here_is_refused_while_its_change_is_held(
+    pg_schema: str,
+) -> None:
+    config = StoreConfig(session_timeout=TIMEOUT, flush_interval=3600)
+    backend = GatedBackend(pg_schema)
+    async with SessionManager(backend, config=config) as m:
+        await m.resolve_session("s1", "hello")
+        backend.gate.clear()  # the change stays held by the writer
+        assert await m.update_parent_id("s1", "p1")
+        assert await m.delete_session("s1")
+        # As on every other store: no session, no turn (not "accepted", then lost).
+        assert not await m.update_parent_id("s1", "p2")
+        assert await m.get_session("s1") is None
+        backend.gate.set()
+        await m.writer.flush()
+        assert await m.backend.get_session("s1") is None

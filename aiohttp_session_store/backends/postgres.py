@@ -7,7 +7,6 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import replace
 from typing import Any, ClassVar, Final, TypeVar
 
 # asyncpg ships no type information; the `unused-ignore` keeps this line clean once the
@@ -377,7 +376,10 @@ class PostgresBackend(SQLBackend):
             await conn.execute("COMMIT")
 
         await self._run(apply, write=True, retry=True, transaction=False)
-        await super().write_batch(replace(batch, changes=[]))
+        # Committed: a retry of this batch after the records fail (the writer retries the
+        # same object, or salvages it item by item) must not add the turns again.
+        batch.changes = []
+        await super().write_batch(batch)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
