@@ -101,33 +101,23 @@ class SessionManager:
         self.sweeper = Sweeper(self.sweep, cfg.sweep_interval)
         self._counters = Counters()
         timeout_ms = round(cfg.session_timeout * 1000)
+        base = (self.backend, self._clock, timeout_ms, self._counters)
+        cache = SessionCache(
+            max_entries=cfg.max_cached_sessions if cache_size is None else cache_size,
+            max_bytes=cfg.max_cache_bytes,
+        )
         self._strategy: SessionStrategy
         if self.backend.shared and cfg.durability == "sync":
-            self._strategy = DirectStrategy(self.backend, self._clock, timeout_ms, self._counters)
+            self._strategy = DirectStrategy(*base)
         elif self.backend.shared:
             self._strategy = SharedBehindStrategy(
-                self.backend,
-                self._clock,
-                timeout_ms,
-                self._counters,
-                writer=self.writer,
-                known=SessionCache(
-                    max_entries=cfg.max_cached_sessions if cache_size is None else cache_size,
-                    max_bytes=cfg.max_cache_bytes,
-                ),
-                commit=self.commit_bounded,
+                *base, writer=self.writer, known=cache, commit=self.commit_bounded
             )
         else:
             self._strategy = WriteBehindStrategy(
-                self.backend,
-                self._clock,
-                timeout_ms,
-                self._counters,
+                *base,
                 writer=self.writer,
-                cache=SessionCache(
-                    max_entries=cfg.max_cached_sessions if cache_size is None else cache_size,
-                    max_bytes=cfg.max_cache_bytes,
-                ),
+                cache=cache,
                 commit=self.commit_bounded,
                 sync=cfg.durability == "sync",
             )

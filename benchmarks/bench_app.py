@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -29,7 +30,7 @@ from bench_workload import REPLY_TEXT
 import aiohttp_session_store as store_lib
 from aiohttp_session_store.backends.base import Backend
 
-__all__ = ("main", "make_app")
+__all__ = ("main", "make_app", "serve")
 
 STATE: Final = web.AppKey("bench_state", dict)
 
@@ -157,24 +158,40 @@ def _database(args: argparse.Namespace) -> str | Backend | None:
     return str(args.db)
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    config = store_lib.StoreConfig(durability=args.durability)
-    app = make_app(_database(args), config=config)
+async def serve(
+    app: web.Application,
+    port: int,
+    *,
+    on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+) -> None:
+    """Serve `app` on `port`, print `READY`, and stop cleanly on SIGTERM or SIGINT.
+
+    Every benchmark server runs this way, so the load generator starts and stops them alike.
+    """
     # No access log in either mode: it would cost the same in both and only add noise.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=1024)
-    await site.start()
-
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if args.pyinstrument:
-        _install_profiler(loop, args.pyinstrument)
+    if on_loop is not None:
+        on_loop(loop)
     print("READY", flush=True)
     await stop.wait()
     await runner.cleanup()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    config = store_lib.StoreConfig(durability=args.durability)
+    app = make_app(_database(args), config=config)
+    profile = args.pyinstrument
+    await serve(
+        app,
+        args.port,
+        on_loop=(lambda loop: _install_profiler(loop, profile)) if profile else None,
+    )
     print("STATS " + json.dumps(_stats(app)), flush=True)
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
+import bench_app
 
 __all__ = ("measure",)
 
@@ -116,24 +117,11 @@ def _store_app(upstream: str, db: str) -> Any:
 
 
 def serve(mode: str, port: int, upstream: str, db: str) -> None:
-    from aiohttp import web
 
     logging.basicConfig(level=logging.WARNING)
     app = _bare_app(upstream) if mode == "bare" else _store_app(upstream, db)
 
-    async def run() -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print("READY", flush=True)
-        await stop.wait()
-        await runner.cleanup()
-
-    asyncio.run(run())
+    asyncio.run(bench_app.serve(app, port))
 
 
 # -- processes -------------------------------------------------------------------------------

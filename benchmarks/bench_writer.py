@@ -33,7 +33,6 @@ import marshal
 import os
 import queue
 import select
-import signal
 import sqlite3
 import statistics
 import struct
@@ -332,16 +331,7 @@ def _nvcsw(pid: int, tid: int) -> int:
 
 async def _serve(writer: str, port: int, db: str) -> None:
     app = bench_app.make_app(None if writer == "bare" else make_backend(writer, db))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("READY", flush=True)
-    await stop.wait()
-    await runner.cleanup()
+    await bench_app.serve(app, port)
     print("STATS " + json.dumps({"served": app[bench_app.STATE]["served"]}), flush=True)
 
 

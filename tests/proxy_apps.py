@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -369,6 +370,15 @@ class FakeClock:
 
 
 # -- reading records -----------------------------------------------------------------------
+
+
+async def poll(check: Callable[[], Awaitable[bool]], *, timeout: float = 3.0) -> None:
+    """Wait until `check()` holds (state another task or process changes); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
 
 
 async def exchanges(store: SessionStore, **query: Any) -> list[Exchange]:

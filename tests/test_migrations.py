@@ -176,6 +176,16 @@ def listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
+async def opened_version(path: Path) -> int:
+    """The schema version a store of the default registry opens (and migrates) `path` at."""
+    b = SQLiteBackend(path)
+    await b.open()
+    try:
+        return await b.schema_version()
+    finally:
+        await b.close()
+
+
 async def make_store(path: Path, migrations: tuple[Migration, ...] = MIGRATIONS) -> None:
     """A database at the registry's version, with a little data, closed and checkpointed."""
     b = SQLiteBackend(path, migrations=migrations)
@@ -447,12 +457,7 @@ async def test_a_failing_migration_leaves_nothing_half_done(db_path: Path) -> No
     assert "half_done" not in tables(db_path)
     assert {"sessions", "requests", "responses", "metadata"} <= tables(db_path)
     # The failed open released its connection; the default registry opens fine.
-    good = SQLiteBackend(db_path)
-    await good.open()
-    try:
-        assert await good.schema_version() == LATEST
-    finally:
-        await good.close()
+    assert await opened_version(db_path) == LATEST
 
 
 async def test_a_new_database_gets_all_its_migrations_or_none(db_path: Path) -> None:
@@ -462,12 +467,7 @@ async def test_a_new_database_gets_all_its_migrations_or_none(db_path: Path) -> 
     with pytest.raises(sqlite3.OperationalError):
         await b.open()
     assert tables(db_path) == set()
-    good = SQLiteBackend(db_path)
-    await good.open()
-    try:
-        assert await good.schema_version() == LATEST
-    finally:
-        await good.close()
+    assert await opened_version(db_path) == LATEST
 
 
 async def test_a_failing_first_migration_leaves_an_empty_database(db_path: Path) -> None:
@@ -538,12 +538,7 @@ async def test_metadata_uses_its_own_key_and_leaves_other_rows_alone(db_path: Pa
         "INSERT INTO metadata VALUES ('schema_version', '42', 7)",
         "INSERT INTO metadata VALUES ('other.app.setting', 'x', 8)",
     )
-    b = SQLiteBackend(db_path)
-    await b.open()
-    try:
-        assert await b.schema_version() == LATEST
-    finally:
-        await b.close()
+    assert await opened_version(db_path) == LATEST
     rows = query(db_path, "SELECT key, value FROM metadata ORDER BY key")
     assert rows == [
         (SCHEMA_VERSION_KEY, str(LATEST)),
@@ -715,12 +710,7 @@ async def test_a_foreign_file_is_used_when_adopted(db_path: Path) -> None:
 
 async def test_an_empty_file_is_not_foreign(db_path: Path) -> None:
     write(db_path, b"")
-    b = SQLiteBackend(db_path)
-    await b.open()
-    try:
-        assert await b.schema_version() == LATEST
-    finally:
-        await b.close()
+    assert await opened_version(db_path) == LATEST
 
 
 async def test_queries_touching_the_dropped_indexes_stay_indexed(db_path: Path) -> None:

@@ -25,6 +25,7 @@ from proxy_apps import (
     json_handler,
     make_app,
     md5,
+    poll,
     raw_request,
     sqlite_rows,
     sse_datas,
@@ -48,14 +49,6 @@ from aiohttp_session_store.models import RequestQuery, now_ms
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
-
-
-async def poll(check: Callable[[], Awaitable[bool]], *, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 # -- setup() and the accessors -------------------------------------------------------------

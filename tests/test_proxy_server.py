@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from proxy_apps import poll
 from pytest_aiohttp import AiohttpServer
 
 from aiohttp_session_store import SessionStore, StoreConfig, get_store
@@ -175,15 +176,6 @@ async def collect(chunks: AsyncStream[ChatCompletionChunk], parts: list[str]) ->
     """Read a stream's content into `parts`, so what came before an error is kept."""
     async for chunk in chunks:
         parts.extend(c.delta.content or "" for c in chunk.choices)
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Poll `predicate` until it holds; fail after `timeout` seconds."""
-    for _ in range(int(timeout / 0.02)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"condition not met within {timeout}s")
 
 
 # --------------------------------------------------------------------------- conversations
@@ -497,7 +489,7 @@ async def test_client_disconnects_mid_reply(
     async def recorded() -> bool:
         return len(await proxy.rows("responses")) == 1
 
-    await eventually(recorded)
+    await poll(recorded, timeout=5.0)
     (response,) = await proxy.rows("responses")
     assert response["outcome"] == "client_disconnected"
     assert response["status_code"] == 200
@@ -514,7 +506,7 @@ async def test_client_disconnects_mid_reply(
         async def upstream_done() -> bool:
             return upstream.app[fake_upstream.CALLS][-1].error is not None
 
-        await eventually(upstream_done)
+        await poll(upstream_done, timeout=5.0)
         assert not upstream.app[fake_upstream.CALLS][-1].finished
 
     # The conversation goes on: the next turn is served in the same session.

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import PG_DSN
-from proxy_apps import FakeClock
+from proxy_apps import FakeClock, poll
 from pytest_aiohttp import AiohttpClient
 
 from aiohttp_session_store import (
@@ -361,3 +361,22 @@ async def test_a_turn_on_a_session_deleted_here_is_refused_while_its_change_is_h
         backend.gate.set()
         await m.writer.flush()
         assert await m.backend.get_session("s1") is None
+
+
+@pytest.mark.postgres
+async def test_another_instance_sees_a_turn_without_waiting_for_a_batch(pg_schema: str) -> None:
+    # An hour's flush interval: only a writer that commits turns at once (a shared store's)
+    # lets the other instance see the parent before the timeout.
+    config = StoreConfig(session_timeout=TIMEOUT, flush_interval=3600)
+    async with (
+        SessionManager(backend_of(pg_schema), config=config) as a,
+        SessionManager(backend_of(pg_schema), config=config) as b,
+    ):
+        await a.resolve_session("s1", "hello")
+        assert await a.update_parent_id("s1", "p1")
+
+        async def parent_seen_by_b() -> bool:
+            seen = await b.get_session("s1")
+            return seen is not None and seen.parent_id == "p1"
+
+        await poll(parent_seen_by_b, timeout=10)
